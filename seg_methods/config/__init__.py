@@ -1,0 +1,24 @@
+"""Configuration: ``get_cfg`` returns detectron2's defaults extended with every seg_methods key."""
+from detectron2.config import get_cfg as _d2_get_cfg
+
+from .common import add_common_config
+
+
+def add_seg_methods_config(cfg):
+    """Add the shared keys and every method's ``cfg.MODEL.<METHOD>`` node to ``cfg``."""
+    # Imported here so each method's config module stays independent of the others.
+    from .mask2former import add_mask2former_config
+    from .swin import add_swin_config
+
+    add_common_config(cfg)
+    add_swin_config(cfg)
+    add_mask2former_config(cfg)
+    return cfg
+
+
+def get_cfg():
+    """detectron2's default config with all seg_methods keys added."""
+    return add_seg_methods_config(_d2_get_cfg())
+
+
+__all__ = ["add_common_config", "add_seg_methods_config", "get_cfg"]

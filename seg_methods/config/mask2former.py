@@ -1,0 +1,44 @@
+"""Mask2Former keys: ``cfg.MODEL.MASK2FORMER.*`` only.
+
+Python defaults are the paper's COCO panoptic R50 setting (Mask2Former, Cheng et al. 2022,
+Sec. 4 and its public configs); YAML leaves only carry deltas. Loss weights, the matcher and the
+inference thresholds are the shared mask-classification keys ``cfg.MODEL.MASK_CLS.*``; the number
+of classes is detectron2's ``cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES``.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_mask2former_config(cfg):
+    """Add ``cfg.MODEL.MASK2FORMER`` (idempotent)."""
+    if "MASK2FORMER" in cfg.MODEL:
+        return
+    m = cfg.MODEL.MASK2FORMER = CN()
+    # transformer decoder (Sec. 3.2)
+    m.TRANSFORMER_DECODER_NAME = "Mask2FormerMaskedAttentionDecoder"
+    m.HIDDEN_DIM = 256
+    m.NUM_OBJECT_QUERIES = 100
+    m.NHEADS = 8
+    m.DROPOUT = 0.0
+    m.DIM_FEEDFORWARD = 2048
+    # Number of masked-attention layers (9 = 3 rounds over 3 scales). Predictions are made by the
+    # learnable queries and after every layer, so DEC_LAYERS + 1 outputs are supervised.
+    # (The official YAMLs write 10 here because they count the learnable-query output.)
+    m.DEC_LAYERS = 9
+    m.PRE_NORM = False
+    m.ENFORCE_INPUT_PROJ = False
+    m.MASK_ATTENTION_THRESHOLD = 0.5
+    m.SIZE_DIVISIBILITY = 32
+    # pixel decoder (Sec. 3.2 / 4.1): 6 deformable-attention layers over 1/8, 1/16, 1/32 + FPN
+    m.PIXEL_DECODER_NAME = "Mask2FormerMSDeformAttnPixelDecoder"
+    m.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    m.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    m.CONVS_DIM = 256
+    m.MASK_DIM = 256
+    m.NORM = "GN"
+    m.COMMON_STRIDE = 4
+    m.TRANSFORMER_ENC_LAYERS = 6
+    m.ENC_DIM_FEEDFORWARD = 1024
+    m.ENC_N_POINTS = 4
+    # "auto": compiled seg_methods._C op when built, else the pure-PyTorch reference;
+    # "op" to require the compiled op; "pytorch" to force the reference.
+    m.DEFORM_ATTN_IMPL = "auto"

@@ -1,0 +1,5 @@
+"""Dataset mappers. Importing this package registers them in DATASET_MAPPER_REGISTRY."""
+
+from . import mask_former  # noqa: F401  registers the mask_former_* and coco_*_lsj mappers
+from .base import AUGMENTATION_POLICIES, SegDatasetMapper, read_image_checked  # noqa: F401
+from .targets import instance_targets, panoptic_targets, semantic_targets  # noqa: F401

@@ -1,0 +1,24 @@
+"""Training/evaluation machinery: Trainer, hooks, results files, drawings, entry points."""
+
+from .predictor import build_predictor  # noqa: F401
+from .hooks import METRICS_FILE, SegEvalHook, report_results  # noqa: F401
+from .results import flatten_metrics, format_metrics_table, write_metrics_json  # noqa: F401
+from .trainer import (  # noqa: F401
+    TRAINING_LOG_FILE,
+    VIS_DIR,
+    Trainer,
+    build_checkpointer,
+    checkpointer_class,
+    evaluate_checkpoint,
+    resolve_device,
+    setup,
+    train,
+)
+from .visualization import (  # noqa: F401
+    PREDICTION_KINDS,
+    available_prediction_kinds,
+    draw_ground_truth,
+    draw_prediction,
+    visualize_dataset_predictions,
+    visualize_predictions,
+)

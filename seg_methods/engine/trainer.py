@@ -1,0 +1,247 @@
+"""Trainer, config setup and the entry points ``train_net.py`` wires (train, evaluate).
+
+:class:`Trainer` is detectron2's ``DefaultTrainer`` with seg_methods' components:
+
+* data: the mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME`` (train) and its test mode;
+* solver: :func:`seg_methods.solver.build_optimizer` / ``build_lr_scheduler``;
+* evaluation: :func:`seg_methods.evaluation.build_evaluator`;
+* checkpoints: ``SegCheckpointer`` (``seg_methods.utils.checkpoint``) when present, else
+  ``DetectionCheckpointer``;
+* hooks: detectron2's defaults (timer/ETA, LR, checkpointer, writers) with the ``EvalHook``
+  replaced by :class:`SegEvalHook`, which writes ``OUTPUT_DIR/metrics.json``, logs a metric table
+  and draws the first ``cfg.TEST.NUM_VIS_IMAGES`` test images to ``OUTPUT_DIR/vis``.
+
+detectron2's per-iteration JSON log goes to ``OUTPUT_DIR/training_metrics.json`` (JSON lines)
+because ``metrics.json`` holds the evaluation results. A non-finite loss stops training with a
+``FloatingPointError`` naming the iteration.
+"""
+
+import importlib.util
+import logging
+import os
+import weakref
+from typing import Optional
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import DefaultTrainer, default_setup, hooks
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
+
+from ..config import get_cfg
+from ..data.build import build_dataset_mapper, build_test_loader, build_train_loader
+from ..evaluation import build_evaluator
+from ..solver import build_lr_scheduler, build_optimizer
+from .hooks import SegEvalHook, report_results
+from .visualization import visualize_dataset_predictions
+
+logger = logging.getLogger(__name__)
+
+TRAINING_LOG_FILE = "training_metrics.json"
+VIS_DIR = "vis"
+
+
+def checkpointer_class():
+    """``SegCheckpointer`` when ``seg_methods.utils.checkpoint`` exists, else
+    ``DetectionCheckpointer``. Errors inside an existing module propagate."""
+    if importlib.util.find_spec("seg_methods.utils.checkpoint") is None:
+        return DetectionCheckpointer
+    from ..utils.checkpoint import SegCheckpointer
+
+    return SegCheckpointer
+
+
+def build_checkpointer(model, save_dir: str = "", *, strict: bool = False, **checkpointables):
+    """Checkpointer of :func:`checkpointer_class` for ``model`` (and trainer state).
+
+    Args:
+        model (nn.Module): model to save/load.
+        save_dir (str): folder of checkpoints and ``last_checkpoint``.
+        strict (bool): with ``SegCheckpointer``, also raise when model keys are missing from the
+            loaded file (evaluation, inference). Ignored by the DetectionCheckpointer fallback.
+        checkpointables: extra objects saved/loaded with the model (e.g. ``trainer=``).
+    """
+    cls = checkpointer_class()
+    if cls is DetectionCheckpointer:
+        return cls(model, save_dir, **checkpointables)
+    return cls(model, save_dir, strict=strict, **checkpointables)
+
+
+def resolve_device(cfg) -> str:
+    """Make ``cfg`` runnable on this machine (``cfg`` must not be frozen).
+
+    ``MODEL.DEVICE`` "cuda*" becomes "cpu" when CUDA is unavailable, and ``SOLVER.AMP`` is
+    turned off on the CPU (detectron2's AMPTrainer requires CUDA); each change is logged as a
+    warning. Returns the device used.
+    """
+    log = logging.getLogger("seg_methods")
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        log.warning(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available: using the CPU.")
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
+        log.warning("SOLVER.AMP.ENABLED=True needs CUDA: training in float32 on the CPU.")
+        cfg.SOLVER.AMP.ENABLED = False
+    return cfg.MODEL.DEVICE
+
+
+def _runnable_config(cfg):
+    """``cfg`` if :func:`resolve_device` would not change it, else a changed copy."""
+    probe = cfg.clone()
+    probe.defrost()
+    resolve_device(probe)
+    if probe == cfg:
+        return cfg
+    if cfg.is_frozen():
+        probe.freeze()
+    return probe
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` wired to seg_methods' mappers, solver, evaluators and checkpointer.
+
+    Usage::
+
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()  # last evaluation results (or None)
+
+    A config asking for CUDA or AMP on a machine without CUDA is adapted by
+    :func:`resolve_device` (with a warning).
+    """
+
+    def __init__(self, cfg):
+        super().__init__(_runnable_config(cfg))
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ creates a DetectionCheckpointer right before calling
+        # build_hooks; replace it here so that the PeriodicCheckpointer hook and
+        # resume_or_load use the same (Seg)Checkpointer.
+        self.checkpointer = build_checkpointer(
+            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        ret = super().build_hooks()
+        eval_idx = [i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)]
+        assert len(eval_idx) == 1, f"expected one EvalHook in DefaultTrainer's hooks, got {ret}"
+
+        def test_and_save_results():
+            self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        ret[eval_idx[0]] = SegEvalHook(
+            self.cfg.TEST.EVAL_PERIOD,
+            test_and_save_results,
+            output_dir=self.cfg.OUTPUT_DIR,
+            after_eval=[lambda results: self.visualize(self.cfg, self.model)],
+        )
+        return ret
+
+    def build_writers(self):
+        """Console (with ETA), JSON-lines log and TensorBoard writers."""
+        out = self.cfg.OUTPUT_DIR
+        PathManager.mkdirs(out)  # default_setup makes it, but Trainer may be used without it
+        return [
+            CommonMetricPrinter(self.max_iter),
+            JSONWriter(os.path.join(out, TRAINING_LOG_FILE)),
+            TensorboardXWriter(out),
+        ]
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"Training stopped: the loss is NaN or infinite at iteration {self.iter}. "
+                "Lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS or check this batch's data. "
+                f"Details: {e}"
+            ) from e
+
+    def train(self):
+        """Run training; returns the results of the last evaluation (None if none ran)."""
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
+    # ---------------------------------------------------------------- builders
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder: Optional[str] = None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    # ---------------------------------------------------------------- evaluation
+    @classmethod
+    def visualize(cls, cfg, model):
+        """Draw the first ``cfg.TEST.NUM_VIS_IMAGES`` images of ``cfg.DATASETS.TEST[0]`` to
+        ``OUTPUT_DIR/vis`` (ground truth | each prediction). Returns the written paths."""
+        if cfg.TEST.NUM_VIS_IMAGES <= 0 or not comm.is_main_process():
+            return []
+        mapper = build_dataset_mapper(cfg, is_train=False)
+        return visualize_dataset_predictions(
+            cfg, model, mapper, os.path.join(cfg.OUTPUT_DIR, VIS_DIR)
+        )
+
+    @classmethod
+    def evaluate(cls, cfg, model):
+        """``test`` + ``OUTPUT_DIR/metrics.json`` + metric table + drawings (eval-only path).
+
+        Returns:
+            dict: the results of ``DefaultTrainer.test``.
+        """
+        results = cls.test(cfg, model)
+        report_results(results, cfg.OUTPUT_DIR)
+        cls.visualize(cfg, model)
+        return results
+
+
+# -------------------------------------------------------------------- entry points
+def setup(args):
+    """Config from ``args`` (``--config-file``, ``opts``) on top of :func:`get_cfg`, then
+    detectron2's ``default_setup`` (output dir, logging, config dump, seeding with
+    ``cfg.SEED``) and the "seg_methods" logger.
+
+    Returns:
+        CfgNode: the frozen config.
+    """
+    cfg = get_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file, allow_unsafe=False)
+    cfg.merge_from_list(args.opts)
+    resolve_device(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seg_methods")
+    return cfg
+
+
+def evaluate_checkpoint(cfg, resume: bool = False):
+    """Eval-only: build the model, load ``cfg.MODEL.WEIGHTS`` (or the last checkpoint of
+    OUTPUT_DIR with ``resume``) strictly (missing keys raise), evaluate with
+    :meth:`Trainer.evaluate`."""
+    model = Trainer.build_model(cfg)
+    build_checkpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
+        cfg.MODEL.WEIGHTS, resume=resume
+    )
+    return Trainer.evaluate(cfg, model)
+
+
+def train(cfg, resume: bool = False):
+    """Train (resuming from OUTPUT_DIR's last checkpoint with ``resume``); returns the last
+    evaluation results."""
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    return trainer.train()

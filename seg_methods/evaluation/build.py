@@ -1,0 +1,137 @@
+"""Evaluator selection from dataset metadata and the model's output flags.
+
+A dataset's ``MetadataCatalog`` entry names its ``evaluator_type`` (detectron2/Mask2Former
+convention). :data:`EVALUATORS` maps each type to the evaluators it supports, each tied to the
+model output it scores (``cfg.TEST.SEMANTIC_ON`` / ``INSTANCE_ON`` / ``PANOPTIC_ON``). An
+evaluator is built only when the model produces that output.
+
+=============================  ==========================================================
+evaluator_type                 evaluators (model output flag)
+=============================  ==========================================================
+sem_seg                        SemSegEvaluator (semantic)
+coco                           InstanceSegEvaluator (instance)
+coco_panoptic_seg,             COCOPanopticEvaluator (panoptic), InstanceSegEvaluator
+ade20k_panoptic_seg,           (instance), SemSegEvaluator (semantic)
+mapillary_vistas_panoptic_seg
+cityscapes_sem_seg             CityscapesSemSegEvaluator (semantic)
+cityscapes_instance            CityscapesInstanceEvaluator (instance)
+cityscapes_panoptic_seg        COCOPanopticEvaluator (panoptic), CityscapesSemSegEvaluator
+                               (semantic), CityscapesInstanceEvaluator (instance)
+=============================  ==========================================================
+
+The Cityscapes evaluators need ``cityscapesscripts`` when they evaluate; the panoptic evaluator
+needs ``panopticapi``.
+"""
+
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    CityscapesSemSegEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+)
+
+from .instance_evaluation import InstanceSegEvaluator
+
+SEMANTIC, INSTANCE, PANOPTIC = "SEMANTIC_ON", "INSTANCE_ON", "PANOPTIC_ON"
+
+
+def _sem_seg(dataset_name: str, output_folder: str):
+    try:
+        return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+    except KeyError as e:
+        if e.args != ("sem_seg_file_name",):
+            raise
+        raise KeyError(
+            f"SemSegEvaluator needs 'sem_seg_file_name' in every record of '{dataset_name}'. "
+            "Set TEST.SEMANTIC_ON=False or register semantic label PNGs."
+        ) from e
+
+
+def _instance(dataset_name: str, output_folder: str):
+    meta = MetadataCatalog.get(dataset_name)
+    if not meta.get("json_file", None):
+        raise KeyError(
+            f"instance AP on '{dataset_name}' needs the COCO instance json in its metadata "
+            "('json_file'). Set TEST.INSTANCE_ON=False or add the json."
+        )
+    return InstanceSegEvaluator(dataset_name, output_dir=output_folder)
+
+
+def _panoptic(dataset_name: str, output_folder: str):
+    return COCOPanopticEvaluator(dataset_name, output_dir=output_folder)
+
+
+def _cityscapes_sem_seg(dataset_name: str, output_folder: str):
+    return CityscapesSemSegEvaluator(dataset_name)
+
+
+def _cityscapes_instance(dataset_name: str, output_folder: str):
+    return CityscapesInstanceEvaluator(dataset_name)
+
+
+Factory = Callable[[str, str], object]
+_GENERIC_PANOPTIC: List[Tuple[str, Factory]] = [
+    (PANOPTIC, _panoptic),
+    (INSTANCE, _instance),
+    (SEMANTIC, _sem_seg),
+]
+
+# evaluator_type -> [(cfg.TEST flag of the model output it scores, factory(name, folder))].
+EVALUATORS: Dict[str, List[Tuple[str, Factory]]] = {
+    "sem_seg": [(SEMANTIC, _sem_seg)],
+    "coco": [(INSTANCE, _instance)],
+    "coco_panoptic_seg": _GENERIC_PANOPTIC,
+    "ade20k_panoptic_seg": _GENERIC_PANOPTIC,
+    "mapillary_vistas_panoptic_seg": _GENERIC_PANOPTIC,
+    "cityscapes_sem_seg": [(SEMANTIC, _cityscapes_sem_seg)],
+    "cityscapes_instance": [(INSTANCE, _cityscapes_instance)],
+    "cityscapes_panoptic_seg": [
+        (PANOPTIC, _panoptic),
+        (SEMANTIC, _cityscapes_sem_seg),
+        (INSTANCE, _cityscapes_instance),
+    ],
+}
+
+
+def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None):
+    """Evaluators for ``dataset_name`` given what the model outputs.
+
+    Args:
+        cfg (CfgNode): config with ``TEST.SEMANTIC_ON/INSTANCE_ON/PANOPTIC_ON``.
+        dataset_name (str): a registered dataset whose metadata has ``evaluator_type``.
+        output_folder (str or None): where evaluators write files (default
+            ``OUTPUT_DIR/inference``).
+
+    Returns:
+        DatasetEvaluators: the selected evaluators, in the order of :data:`EVALUATORS`.
+
+    Raises:
+        KeyError: unknown or missing ``evaluator_type``, or no evaluator matches the enabled
+            model outputs.
+    """
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    if evaluator_type not in EVALUATORS:
+        raise KeyError(
+            f"Dataset '{dataset_name}' has evaluator_type={evaluator_type!r}; supported: "
+            f"{sorted(EVALUATORS)}."
+        )
+    evaluators = [
+        factory(dataset_name, output_folder)
+        for flag, factory in EVALUATORS[evaluator_type]
+        if cfg.TEST.get(flag)
+    ]
+    if not evaluators:
+        flags = ", ".join(f"TEST.{f}={cfg.TEST.get(f)}" for f in (SEMANTIC, INSTANCE, PANOPTIC))
+        supported = sorted({f for f, _ in EVALUATORS[evaluator_type]})
+        raise KeyError(
+            f"No evaluator for '{dataset_name}' (evaluator_type={evaluator_type}) with {flags}: "
+            f"enable one of {supported} for the outputs your model produces."
+        )
+    return DatasetEvaluators(evaluators)

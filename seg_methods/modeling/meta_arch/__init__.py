@@ -1,0 +1,3 @@
+"""Meta-architectures (registered in detectron2's META_ARCH_REGISTRY)."""
+from .mask2former import Mask2Former  # noqa: F401
+from .mask_classification import MaskClassificationModel  # noqa: F401

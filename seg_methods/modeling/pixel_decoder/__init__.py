@@ -1,0 +1,2 @@
+"""Pixel decoders (registered in PIXEL_DECODER_REGISTRY)."""
+from .msdeformattn import Mask2FormerMSDeformAttnPixelDecoder  # noqa: F401

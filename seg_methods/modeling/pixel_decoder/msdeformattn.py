@@ -1,0 +1,290 @@
+"""Mask2Former's pixel decoder: a multi-scale deformable-attention encoder plus an FPN lateral.
+
+Mask2Former (Cheng et al., CVPR 2022), Sec. 3.2 / 4.1: 6 deformable-attention encoder layers over
+the 1/32, 1/16 and 1/8 features, then a lateral 1x1 + 3x3 conv adds the 1/4 feature, from which a
+1x1 conv gives the per-pixel mask embeddings. The three encoder outputs (1/32, 1/16, 1/8) feed the
+transformer decoder round-robin.
+
+Parameter names follow the public checkpoints (``input_proj``, ``transformer.level_embed``,
+``transformer.encoder.layers.{i}``, ``mask_features``, ``adapter_1``, ``layer_1``).
+
+Shape shorthand:
+    N: batch, C: conv_dim, S: tokens of all encoder levels, L: encoder levels (3),
+    H_l, W_l: size of level l (levels ordered from low to high resolution inside the encoder)
+"""
+import math
+from typing import Callable, Dict, List, Optional, Union
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from torch import nn
+from torch.nn import functional as F
+
+from ...layers.deform_attn import MSDeformAttn
+from ...layers.position_encoding import PositionEmbeddingSine
+from ..build import PIXEL_DECODER_REGISTRY
+
+
+class MSDeformAttnEncoderLayer(nn.Module):
+    """Deformable self-attention over all levels + FFN, post-norm (Deformable DETR encoder)."""
+
+    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4,
+                 impl="auto"):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=impl)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index,
+                padding_mask=None):
+        """(N, S, C) -> (N, S, C); ``pos`` (N, S, C) is added to the queries only."""
+        attn = self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
+        )
+        src = self.norm1(src + self.dropout1(attn))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
+
+
+class MSDeformAttnEncoder(nn.Module):
+    """A stack of :class:`MSDeformAttnEncoderLayer` (attribute ``layers``)."""
+
+    def __init__(self, num_layers: int, **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            MSDeformAttnEncoderLayer(**layer_kwargs) for _ in range(num_layers)
+        )
+
+    @staticmethod
+    def reference_points(spatial_shapes, batch_size, device):
+        """Pixel-centre reference points of every token, identical across levels.
+
+        Returns:
+            Tensor: (N, S, L, 2) normalised (x, y): ((j + 0.5) / W_l, (i + 0.5) / H_l).
+            (No padding masks are used, so the valid ratios of Deformable DETR are all 1.)
+        """
+        refs = []
+        for h, w in spatial_shapes.tolist():
+            ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
+            xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
+            ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
+            refs.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))  # (H*W, 2)
+        ref = torch.cat(refs, 0)  # (S, 2)
+        num_levels = spatial_shapes.shape[0]
+        return ref[None, :, None, :].expand(batch_size, -1, num_levels, -1)
+
+    def forward(self, src, spatial_shapes, level_start_index, pos):
+        ref = self.reference_points(spatial_shapes, src.shape[0], src.device)
+        for layer in self.layers:
+            src = layer(src, pos, ref, spatial_shapes, level_start_index)
+        return src
+
+
+class MSDeformAttnEncoderOnly(nn.Module):
+    """Flattens the levels, adds level embeddings to the positional encodings, runs the encoder.
+
+    Attributes ``level_embed`` (L, C) and ``encoder`` match the public checkpoints.
+    """
+
+    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, dim_feedforward=1024,
+                 dropout=0.1, num_feature_levels=4, enc_n_points=4, impl="auto"):
+        super().__init__()
+        self.encoder = MSDeformAttnEncoder(
+            num_encoder_layers,
+            d_model=d_model,
+            d_ffn=dim_feedforward,
+            dropout=dropout,
+            n_levels=num_feature_levels,
+            n_heads=nhead,
+            n_points=enc_n_points,
+            impl=impl,
+        )
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    def forward(self, srcs: List[torch.Tensor], pos_embeds: List[torch.Tensor]):
+        """
+        Args:
+            srcs: L tensors (N, C, H_l, W_l).
+            pos_embeds: L tensors (N, C, H_l, W_l).
+
+        Returns:
+            memory (Tensor): (N, S, C); spatial_shapes (L, 2) int64; level_start_index (L,).
+        """
+        flat, flat_pos, shapes = [], [], []
+        for lvl, (src, pos) in enumerate(zip(srcs, pos_embeds)):
+            shapes.append(src.shape[-2:])
+            flat.append(src.flatten(2).transpose(1, 2))  # (N, H_l*W_l, C)
+            flat_pos.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+        src_flat = torch.cat(flat, 1)
+        pos_flat = torch.cat(flat_pos, 1)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
+        level_start_index = torch.cat(
+            (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
+        )
+        memory = self.encoder(src_flat, spatial_shapes, level_start_index, pos_flat)
+        return memory, spatial_shapes, level_start_index
+
+
+@PIXEL_DECODER_REGISTRY.register()
+class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
+    """Multi-scale deformable-attention pixel decoder of Mask2Former.
+
+    ``forward_features(features)`` returns ``(mask_features (N, mask_dim, H/4, W/4),
+    coarsest encoder output (N, C, H/32, W/32), [3 encoder outputs, 1/32 -> 1/8])``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        transformer_dropout: float,
+        transformer_nheads: int,
+        transformer_dim_feedforward: int,
+        transformer_enc_layers: int,
+        transformer_n_points: int,
+        conv_dim: int,
+        mask_dim: int,
+        norm: Optional[Union[str, Callable]] = None,
+        transformer_in_features: List[str],
+        common_stride: int,
+        num_outputs: int = 3,
+        deform_attn_impl: str = "auto",
+    ):
+        """
+        Args:
+            input_shape: backbone features used (name -> channels/stride).
+            transformer_dropout: dropout inside the encoder layers.
+            transformer_nheads: heads of the deformable attention.
+            transformer_dim_feedforward: FFN width of the encoder (1024 in the paper).
+            transformer_enc_layers: number of encoder layers (6 in the paper).
+            transformer_n_points: sampling points per head and level (4).
+            conv_dim: channels of the encoder and FPN convs (256).
+            mask_dim: channels of the per-pixel mask embeddings (256).
+            norm: norm of the FPN convs ("GN").
+            transformer_in_features: features fed to the encoder (res3, res4, res5).
+            common_stride: stride of the mask features (4).
+            num_outputs: number of multi-scale outputs for the transformer decoder (3).
+            deform_attn_impl: "auto", "op" (compiled) or "pytorch" (reference).
+        """
+        super().__init__()
+        shapes = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
+        self.in_features = [k for k, _ in shapes]  # high -> low resolution
+        self.feature_channels = [v.channels for _, v in shapes]
+        enc_shapes = [(k, v) for k, v in shapes if k in transformer_in_features]
+        if len(enc_shapes) != len(transformer_in_features):
+            missing = set(transformer_in_features) - {k for k, _ in enc_shapes}
+            raise ValueError(f"Pixel decoder: encoder features {sorted(missing)} not in the input")
+        self.transformer_in_features = [k for k, _ in enc_shapes]
+        enc_channels = [v.channels for _, v in enc_shapes]
+        enc_strides = [v.stride for _, v in enc_shapes]
+        self.transformer_num_feature_levels = len(enc_shapes)
+
+        # 1x1 conv + GroupNorm(32) per encoder level, ordered low -> high resolution
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim))
+            for c in enc_channels[::-1]
+        )
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+
+        self.transformer = MSDeformAttnEncoderOnly(
+            d_model=conv_dim,
+            nhead=transformer_nheads,
+            num_encoder_layers=transformer_enc_layers,
+            dim_feedforward=transformer_dim_feedforward,
+            dropout=transformer_dropout,
+            num_feature_levels=self.transformer_num_feature_levels,
+            enc_n_points=transformer_n_points,
+            impl=deform_attn_impl,
+        )
+        self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
+
+        self.mask_dim = mask_dim
+        self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=1)
+        weight_init.c2_xavier_fill(self.mask_features)
+
+        self.num_outputs = num_outputs
+        self.common_stride = common_stride
+        # FPN levels between the finest encoder level and the mask-feature stride (1 for 1/8->1/4)
+        self.num_fpn_levels = int(round(math.log2(min(enc_strides) / common_stride)))
+        use_bias = norm == ""
+        lateral_convs, output_convs = [], []
+        for idx, in_channels in enumerate(self.feature_channels[: self.num_fpn_levels]):
+            lateral = Conv2d(in_channels, conv_dim, kernel_size=1, bias=use_bias,
+                             norm=get_norm(norm, conv_dim))
+            output = Conv2d(conv_dim, conv_dim, kernel_size=3, padding=1, bias=use_bias,
+                            norm=get_norm(norm, conv_dim), activation=F.relu)
+            weight_init.c2_xavier_fill(lateral)
+            weight_init.c2_xavier_fill(output)
+            self.add_module(f"adapter_{idx + 1}", lateral)
+            self.add_module(f"layer_{idx + 1}", output)
+            lateral_convs.append(lateral)
+            output_convs.append(output)
+        # top-down order (low -> high resolution); plain lists: the modules are registered above
+        self.lateral_convs = lateral_convs[::-1]
+        self.output_convs = output_convs[::-1]
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        m = cfg.MODEL.MASK2FORMER
+        return {
+            "input_shape": {k: v for k, v in input_shape.items() if k in m.IN_FEATURES},
+            "conv_dim": m.CONVS_DIM,
+            "mask_dim": m.MASK_DIM,
+            "norm": m.NORM,
+            "transformer_dropout": m.DROPOUT,
+            "transformer_nheads": m.NHEADS,
+            "transformer_dim_feedforward": m.ENC_DIM_FEEDFORWARD,
+            "transformer_enc_layers": m.TRANSFORMER_ENC_LAYERS,
+            "transformer_n_points": m.ENC_N_POINTS,
+            "transformer_in_features": m.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
+            "common_stride": m.COMMON_STRIDE,
+            "deform_attn_impl": m.DEFORM_ATTN_IMPL,
+        }
+
+    def forward_features(self, features: Dict[str, torch.Tensor]):
+        """
+        Args:
+            features: backbone outputs, name -> (N, C_in, H_s, W_s).
+
+        Returns:
+            mask_features (N, mask_dim, H/4, W/4), coarsest encoder output (N, C, H/32, W/32),
+            list of ``num_outputs`` maps (N, C, H_l, W_l) from low to high resolution.
+        """
+        # The deformable encoder runs in float32 (sampling is not half-precision safe).
+        with torch.autocast(device_type=next(iter(features.values())).device.type, enabled=False):
+            srcs, pos = [], []
+            for idx, name in enumerate(self.transformer_in_features[::-1]):  # low -> high res
+                x = features[name].float()
+                srcs.append(self.input_proj[idx](x))
+                pos.append(self.pe_layer(x))
+            memory, spatial_shapes, level_start_index = self.transformer(srcs, pos)
+            n = memory.shape[0]
+            sizes = (spatial_shapes[:, 0] * spatial_shapes[:, 1]).tolist()
+            outs = [
+                z.transpose(1, 2).reshape(n, -1, int(h), int(w))
+                for z, (h, w) in zip(torch.split(memory, sizes, dim=1), spatial_shapes.tolist())
+            ]
+            # FPN: add the higher-resolution backbone features not seen by the encoder
+            for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
+                lat = self.lateral_convs[idx](features[name].float())
+                up = F.interpolate(outs[-1], size=lat.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+                outs.append(self.output_convs[idx](lat + up))
+            return self.mask_features(outs[-1]), outs[0], outs[: self.num_outputs]

@@ -1,0 +1,11 @@
+"""Inference post-processing as pure tensor functions."""
+
+from .mask_classification import (  # noqa: F401
+    instance_inference,
+    mask_cls_inference_kwargs,
+    mask_cls_postprocess,
+    output_sizes_from_inputs,
+    panoptic_inference,
+    semantic_inference,
+    thing_ids_from_metadata,
+)

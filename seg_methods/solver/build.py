@@ -1,0 +1,215 @@
+"""Optimizer and learning-rate schedule from config.
+
+Parameter groups follow Mask2Former's recipe:
+
+* every parameter starts with ``SOLVER.BASE_LR`` and ``SOLVER.WEIGHT_DECAY``;
+* parameters whose name starts with ``backbone.`` get ``lr * SOLVER.BACKBONE_MULTIPLIER``;
+* parameters of normalization layers get ``SOLVER.WEIGHT_DECAY_NORM`` (detectron2 default 0);
+* embeddings (``nn.Embedding`` modules and parameters whose name contains one of
+  :data:`EMBED_PARAM_KEYWORDS`) get ``SOLVER.WEIGHT_DECAY_EMBED`` (default 0);
+* biases follow detectron2's legacy ``BIAS_LR_FACTOR`` / ``WEIGHT_DECAY_BIAS`` (neutral by
+  default).
+
+Mask2Former exempts only ``nn.Embedding`` and the Swin tables; matching ``level_embed`` etc. by
+name also exempts embeddings stored as raw ``nn.Parameter`` (e.g. a pixel decoder's level
+embedding), which Mask2Former decays. With the default WEIGHT_DECAY_EMBED = 0 this is our choice.
+
+Gradient clipping: ``CLIP_TYPE == "full_model"`` clips the global norm of all parameters
+together (Mask2Former's setting); "value"/"norm" use detectron2's per-parameter clipping.
+"""
+
+import logging
+from typing import Any, Callable, Dict, List, Type
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d, NaiveSyncBatchNorm
+from detectron2.layers.batch_norm import LayerNorm as D2LayerNorm
+from detectron2.solver import build_lr_scheduler as _build_d2_lr_scheduler
+from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
+from torch import nn
+
+from .lr_scheduler import build_warmup_poly_lr
+
+logger = logging.getLogger(__name__)
+
+# Normalization layers: every torch norm plus detectron2's own (get_norm's "LN", "naiveSyncBN",
+# "FrozenBN" - the last has no parameters but is listed for completeness).
+NORM_MODULE_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    NaiveSyncBatchNorm,
+    CycleBatchNormList,
+    FrozenBatchNorm2d,
+    D2LayerNorm,
+)
+
+# Substrings of parameter names treated as embeddings (no weight decay by default).
+EMBED_PARAM_KEYWORDS = (
+    "relative_position_bias_table",
+    "absolute_pos_embed",
+    "level_embed",
+    "query_embed",
+    "query_feat",
+)
+
+
+def get_seg_optimizer_params(
+    model: nn.Module,
+    *,
+    base_lr: float,
+    weight_decay: float,
+    weight_decay_norm: float,
+    weight_decay_embed: float,
+    backbone_multiplier: float = 1.0,
+    bias_lr_factor: float = 1.0,
+    weight_decay_bias=None,
+) -> List[Dict[str, Any]]:
+    """Parameter groups with the rules of the module docstring.
+
+    Args:
+        model (nn.Module): the model; frozen parameters (``requires_grad=False``) are skipped and
+            shared parameters appear once.
+        base_lr (float): learning rate of ordinary parameters.
+        weight_decay (float): weight decay of ordinary parameters.
+        weight_decay_norm (float): weight decay of normalization-layer parameters.
+        weight_decay_embed (float): weight decay of embeddings.
+        backbone_multiplier (float): lr factor of parameters named ``backbone.*``.
+        bias_lr_factor (float): lr factor of biases (not of norm layers).
+        weight_decay_bias (float or None): weight decay of biases (None: ``weight_decay``).
+
+    Returns:
+        list[dict]: groups with keys "params", "lr", "weight_decay"; parameters with identical
+        hyper-parameters share a group.
+    """
+    groups: List[Dict[str, Any]] = []
+    seen = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or param in seen:
+                continue
+            seen.add(param)
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            lr, wd = base_lr, weight_decay
+            if full_name.startswith("backbone."):
+                lr *= backbone_multiplier
+            if isinstance(module, NORM_MODULE_TYPES):
+                wd = weight_decay_norm
+            elif isinstance(module, nn.Embedding) or any(
+                k in full_name for k in EMBED_PARAM_KEYWORDS
+            ):
+                wd = weight_decay_embed
+            elif param_name == "bias":
+                lr *= bias_lr_factor
+                if weight_decay_bias is not None:
+                    wd = weight_decay_bias
+            groups.append({"params": [param], "lr": lr, "weight_decay": wd})
+    return reduce_param_groups(groups)
+
+
+def _full_model_clipping(optimizer_cls: Type[torch.optim.Optimizer], cfg: CfgNode):
+    """Subclass of ``optimizer_cls`` whose ``step`` first clips the global gradient norm of all
+    parameters (every group together) to ``CLIP_VALUE``."""
+    max_norm = cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE
+    norm_type = cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE
+
+    class FullModelGradientClipping(optimizer_cls):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
+            return super().step(closure=closure)
+
+    FullModelGradientClipping.__name__ = optimizer_cls.__name__ + "FullModelGradientClipping"
+    FullModelGradientClipping.__qualname__ = FullModelGradientClipping.__name__
+    return FullModelGradientClipping
+
+
+def _per_param_clipping(optimizer_cls, cfg):
+    return maybe_add_gradient_clipping(cfg, optimizer_cls)
+
+
+# SOLVER.CLIP_GRADIENTS.CLIP_TYPE -> (optimizer class, cfg) -> optimizer class with clipping.
+GRADIENT_CLIPPERS: Dict[str, Callable] = {
+    "full_model": _full_model_clipping,
+    "value": _per_param_clipping,
+    "norm": _per_param_clipping,
+}
+
+# SOLVER.OPTIMIZER -> (optimizer class, extra constructor kwargs from cfg).
+OPTIMIZERS: Dict[str, Callable[[CfgNode], tuple]] = {
+    "ADAMW": lambda cfg: (torch.optim.AdamW, {}),
+    "SGD": lambda cfg: (
+        torch.optim.SGD,
+        {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV},
+    ),
+}
+
+
+def _lookup(table: Dict[str, Any], key: str, cfg_key: str):
+    if key not in table:
+        raise KeyError(f"Unknown {cfg_key} '{key}'. Supported: {sorted(table)}")
+    return table[key]
+
+
+def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+    """Build ``SOLVER.OPTIMIZER`` ("ADAMW" or "SGD") over the parameter groups of
+    :func:`get_seg_optimizer_params`, with gradient clipping when
+    ``SOLVER.CLIP_GRADIENTS.ENABLED``.
+
+    Args:
+        cfg (CfgNode): config with the solver keys of ``add_common_config``.
+        model (nn.Module): the (not yet DDP-wrapped) model.
+
+    Returns:
+        torch.optim.Optimizer
+    """
+    params = get_seg_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        weight_decay_embed=cfg.SOLVER.WEIGHT_DECAY_EMBED,
+        backbone_multiplier=cfg.SOLVER.BACKBONE_MULTIPLIER,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    optimizer_cls, extra = _lookup(OPTIMIZERS, cfg.SOLVER.OPTIMIZER.upper(), "SOLVER.OPTIMIZER")(
+        cfg
+    )
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED:
+        clipper = _lookup(GRADIENT_CLIPPERS, clip.CLIP_TYPE, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE")
+        optimizer_cls = clipper(optimizer_cls, cfg)
+    return optimizer_cls(
+        params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **extra
+    )
+
+
+# SOLVER.LR_SCHEDULER_NAME -> builder(cfg, optimizer). detectron2's builder covers its own
+# schedules; WarmupPolyLR is detectron2.projects.deeplab's (POLY_LR_POWER,
+# POLY_LR_CONSTANT_ENDING), with a resume-safe state_dict (see lr_scheduler.py).
+LR_SCHEDULERS: Dict[str, Callable] = {
+    "WarmupMultiStepLR": _build_d2_lr_scheduler,
+    "WarmupCosineLR": _build_d2_lr_scheduler,
+    "WarmupStepWithFixedGammaLR": _build_d2_lr_scheduler,
+    "WarmupPolyLR": build_warmup_poly_lr,
+}
+
+
+def build_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer):
+    """Build the schedule named by ``SOLVER.LR_SCHEDULER_NAME`` (see :data:`LR_SCHEDULERS`).
+
+    Returns:
+        torch.optim.lr_scheduler.LRScheduler: stepped once per iteration by detectron2's
+        ``LRScheduler`` hook.
+    """
+    name = cfg.SOLVER.LR_SCHEDULER_NAME
+    return _lookup(LR_SCHEDULERS, name, "SOLVER.LR_SCHEDULER_NAME")(cfg, optimizer)
