@@ -8,7 +8,6 @@ from .trainer import (  # noqa: F401
     VIS_DIR,
     Trainer,
     build_checkpointer,
-    checkpointer_class,
     evaluate_checkpoint,
     resolve_device,
     setup,

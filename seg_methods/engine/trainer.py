@@ -5,8 +5,8 @@
 * data: the mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME`` (train) and its test mode;
 * solver: :func:`seg_methods.solver.build_optimizer` / ``build_lr_scheduler``;
 * evaluation: :func:`seg_methods.evaluation.build_evaluator`;
-* checkpoints: ``SegCheckpointer`` (``seg_methods.utils.checkpoint``) when present, else
-  ``DetectionCheckpointer``;
+* checkpoints: ``SegCheckpointer`` (``seg_methods.utils.checkpoint``: restricted unpickler,
+  errors naming mismatched keys);
 * hooks: detectron2's defaults (timer/ETA, LR, checkpointer, writers) with the ``EvalHook``
   replaced by :class:`SegEvalHook`, which writes ``OUTPUT_DIR/metrics.json``, logs a metric table
   and draws the first ``cfg.TEST.NUM_VIS_IMAGES`` test images to ``OUTPUT_DIR/vis``.
@@ -16,14 +16,12 @@ because ``metrics.json`` holds the evaluation results. A non-finite loss stops t
 ``FloatingPointError`` naming the iteration.
 """
 
-import importlib.util
 import logging
 import os
 import weakref
 from typing import Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
@@ -34,6 +32,7 @@ from ..config import get_cfg
 from ..data.build import build_dataset_mapper, build_test_loader, build_train_loader
 from ..evaluation import build_evaluator
 from ..solver import build_lr_scheduler, build_optimizer
+from ..utils.checkpoint import SegCheckpointer
 from .hooks import SegEvalHook, report_results
 from .visualization import visualize_dataset_predictions
 
@@ -43,30 +42,17 @@ TRAINING_LOG_FILE = "training_metrics.json"
 VIS_DIR = "vis"
 
 
-def checkpointer_class():
-    """``SegCheckpointer`` when ``seg_methods.utils.checkpoint`` exists, else
-    ``DetectionCheckpointer``. Errors inside an existing module propagate."""
-    if importlib.util.find_spec("seg_methods.utils.checkpoint") is None:
-        return DetectionCheckpointer
-    from ..utils.checkpoint import SegCheckpointer
-
-    return SegCheckpointer
-
-
 def build_checkpointer(model, save_dir: str = "", *, strict: bool = False, **checkpointables):
-    """Checkpointer of :func:`checkpointer_class` for ``model`` (and trainer state).
+    """:class:`~seg_methods.utils.checkpoint.SegCheckpointer` for ``model`` (and trainer state).
 
     Args:
         model (nn.Module): model to save/load.
         save_dir (str): folder of checkpoints and ``last_checkpoint``.
-        strict (bool): with ``SegCheckpointer``, also raise when model keys are missing from the
-            loaded file (evaluation, inference). Ignored by the DetectionCheckpointer fallback.
+        strict (bool): also raise when model keys are missing from the loaded file (evaluation,
+            inference). Shape mismatches always raise, naming the keys.
         checkpointables: extra objects saved/loaded with the model (e.g. ``trainer=``).
     """
-    cls = checkpointer_class()
-    if cls is DetectionCheckpointer:
-        return cls(model, save_dir, **checkpointables)
-    return cls(model, save_dir, strict=strict, **checkpointables)
+    return SegCheckpointer(model, save_dir, strict=strict, **checkpointables)
 
 
 def resolve_device(cfg) -> str:

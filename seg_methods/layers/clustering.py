@@ -24,7 +24,7 @@ compiled kernel; ``impl="pytorch"`` always runs the reference. Half-precision in
 in float32 by the compiled kernels and cast back.
 """
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from torch.autograd import Function
@@ -235,7 +235,7 @@ def soft_cluster(
             (Eq. 10, Algorithm 2) nor CMT-DeepLab (Eq. 5-6) scales the affinity logits; pass
             ``D ** -0.5`` for a scaled dot product.
         tile_size (int or None): pixels per tile of the compiled kernel; None picks about 2^18
-            elements per (B, K, tile) tile on the CPU and 2^22 on CUDA.
+            elements per (B, K, tile) tile on the CPU (at least 512 pixels) and 2^22 on CUDA.
 
     Returns:
         ``update`` (Tensor) of shape (B, K, Dv) when neither flag is set; otherwise the tuple
@@ -374,8 +374,10 @@ def hard_cluster(
 
     This is ClustSeg's ``M = one-hot(argmax_K(M_hat))`` (Sec. 3.1) followed by its M-step, i.e.
     the "K-Means cross-attention" of ClustSeg Table 4c. kMaX-DeepLab uses "sum" and normalises the
-    result with a BatchNorm layer of its own (the caller's business). Ties go to the lower cluster
-    index and NaN logits win, as in ``torch.argmax``.
+    result with a BatchNorm layer of its own (the caller's business). ClustSeg's text describes
+    that baseline's hard assignment as Gumbel-Softmax; kMaX-DeepLab's released code takes a plain
+    argmax of detached logits, which is what this op does. Ties go to the lower cluster index and
+    NaN logits win, as in ``torch.argmax``.
 
     No gradient flows through the argmax: ``logits`` never receives a gradient (as in kMaX, which
     detaches it). The gradient w.r.t. ``v`` is ``grad_update[b, index[b, n]]`` (divided by the

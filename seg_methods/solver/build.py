@@ -10,9 +10,10 @@ Parameter groups follow Mask2Former's recipe:
 * biases follow detectron2's legacy ``BIAS_LR_FACTOR`` / ``WEIGHT_DECAY_BIAS`` (neutral by
   default).
 
-Mask2Former exempts only ``nn.Embedding`` and the Swin tables; matching ``level_embed`` etc. by
-name also exempts embeddings stored as raw ``nn.Parameter`` (e.g. a pixel decoder's level
-embedding), which Mask2Former decays. With the default WEIGHT_DECAY_EMBED = 0 this is our choice.
+As in Mask2Former, only ``nn.Embedding`` modules and Swin's position tables count as embeddings;
+an embedding stored as a raw ``nn.Parameter`` (the pixel decoder's ``level_embed``) is decayed
+like any other weight. (Mask2Former hard-codes 0 for the Swin tables; here they follow
+``WEIGHT_DECAY_EMBED``, whose default is 0.)
 
 Gradient clipping: ``CLIP_TYPE == "full_model"`` clips the global norm of all parameters
 together (Mask2Former's setting); "value"/"norm" use detectron2's per-parameter clipping.
@@ -53,13 +54,7 @@ NORM_MODULE_TYPES = (
 )
 
 # Substrings of parameter names treated as embeddings (no weight decay by default).
-EMBED_PARAM_KEYWORDS = (
-    "relative_position_bias_table",
-    "absolute_pos_embed",
-    "level_embed",
-    "query_embed",
-    "query_feat",
-)
+EMBED_PARAM_KEYWORDS = ("relative_position_bias_table", "absolute_pos_embed")
 
 
 def get_seg_optimizer_params(

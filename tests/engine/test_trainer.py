@@ -7,14 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from PIL import Image
 
+from seg_methods.utils.checkpoint import SegCheckpointer
 from seg_methods.engine import (
     TRAINING_LOG_FILE,
     Trainer,
     build_checkpointer,
-    checkpointer_class,
     evaluate_checkpoint,
     setup,
 )
@@ -64,8 +63,7 @@ def test_train_two_iterations_then_eval_writes_metrics_and_drawings(engine_cfg, 
 def test_trainer_uses_the_project_checkpointer(engine_cfg):
     engine_cfg.DATASETS.TEST = ()
     trainer = Trainer(engine_cfg)
-    cls = checkpointer_class()
-    assert type(trainer.checkpointer) is cls and issubclass(cls, DetectionCheckpointer)
+    assert type(trainer.checkpointer) is SegCheckpointer
     periodic = [h for h in trainer._hooks if hasattr(h, "checkpointer")]
     assert periodic and all(h.checkpointer is trainer.checkpointer for h in periodic)
 

@@ -177,6 +177,26 @@ def test_soft_cluster_partial_requires_grad_and_scale():
 
 
 @needs_soft
+@pytest.mark.parametrize("threads", [1, 2])
+def test_soft_cluster_parallel_tiles_match_reference(threads):
+    """Large enough (B*K*HW*(D+Dv) >= 2^22) for the CPU driver to share the tiles among threads
+    with per-thread accumulators; small tiles so that every thread gets several."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v, bias = _random_soft(2, 32, 2100, 16, 24, torch.float64, with_bias=True)
+        flags = (False, False)
+        ref_out, ref_grads = _soft_outputs_and_grads(soft_cluster_pytorch, q, k, v, bias, flags)
+        out, grads = _soft_outputs_and_grads(
+            soft_cluster, q, k, v, bias, flags, impl="ext", tile_size=128
+        )
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@needs_soft
 @pytest.mark.parametrize("shape", [(2, 3, 0, 4, 5), (2, 0, 6, 4, 5), (0, 3, 6, 4, 5)])
 def test_soft_cluster_empty(shape):
     B, K, HW, D, Dv = shape

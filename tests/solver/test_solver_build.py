@@ -29,7 +29,7 @@ class _Head(nn.Module):
         self.d2ln = D2LayerNorm(4)
         self.query_feat = nn.Embedding(5, 4)
         self.query_embed = nn.Embedding(5, 4)
-        self.level_embed = nn.Parameter(torch.zeros(3, 4))  # raw parameter, matched by name
+        self.level_embed = nn.Parameter(torch.zeros(3, 4))  # raw parameter: decayed, as Mask2Former
         self.frozen = nn.Linear(2, 2)
         self.frozen.requires_grad_(False)
 
@@ -83,7 +83,7 @@ def test_param_groups_lr_multiplier_and_zero_decay():
         "head.d2ln.weight": (1e-3, 0.0),
         "head.query_feat.weight": (1e-3, 0.0),
         "head.query_embed.weight": (1e-3, 0.0),
-        "head.level_embed": (1e-3, 0.0),
+        "head.level_embed": (1e-3, 0.05),
         "head.frozen.weight": None,  # frozen: not optimized
     }
     for name, (want) in expected.items():

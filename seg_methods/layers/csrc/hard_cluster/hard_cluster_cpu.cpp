@@ -92,7 +92,8 @@ void reduce_kernel(
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   const int64_t blocks = (Dv + kCols - 1) / kCols;
   // Small problems run inline: a parallel region costs more than they do.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, HW * std::min(kCols, Dv)));
+  const int64_t task_work = std::max<int64_t>(1, HW * std::min(kCols, Dv));
+  const int64_t grain = std::max<int64_t>(1, 32768 / task_work);
   at::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc;
     for (int64_t task = begin; task < end; ++task) {

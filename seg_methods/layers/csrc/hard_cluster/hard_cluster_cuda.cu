@@ -1,9 +1,9 @@
 // CUDA kernels of the hard (k-means) assignment (see hard_cluster.h). One thread per pixel for the
 // argmax and the counts, one thread per (pixel, channel) for the scatter-add of the values (atomic,
 // so float sums are not bitwise deterministic) and for the gather of the backward. The
-// per-element decisions are hard_cluster_utils.h, shared with the CPU kernels. The stream comes from
-// c10/cuda/CUDAStream.h: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers that a bare
-// toolkit may lack.
+// per-element decisions are hard_cluster_utils.h, shared with the CPU kernels. The stream comes
+// from c10/cuda/CUDAStream.h: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers that a
+// bare toolkit may lack.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/Atomic.cuh>
@@ -68,7 +68,9 @@ __global__ void count_kernel(
 
 template <typename scalar_t>
 __global__ void scatter_kernel(
-    const int64_t* __restrict__ index, const scalar_t* __restrict__ v, scalar_t* __restrict__ update,
+    const int64_t* __restrict__ index,
+    const scalar_t* __restrict__ v,
+    scalar_t* __restrict__ update,
     int64_t B, int64_t K, int64_t HW, int64_t Dv) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= B * HW * Dv) {

@@ -11,6 +11,7 @@
 //   dbias_t = dL_t;   dq += scale * dL_t k_t;   dk_t = scale * dL_t^T q
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -24,17 +25,17 @@ namespace seg_methods {
 
 namespace {
 
-// Pixels per tile: about 2^18 (CPU) or 2^22 (CUDA) elements in one (B, K, T) tile, a multiple of
-// 64 pixels, at least 64, and small enough that every CPU thread gets a tile. Our choice (not
-// from the papers): on the CPU a 1 MiB float tile keeps the per-pixel softmax in the L2 cache
-// while the GEMMs stay large enough for BLAS.
+// Pixels per tile: about 2^18 (CPU) or 2^22 (CUDA) elements in one (B, K, T) tile but at least 512
+// pixels (so the per-batch GEMMs stay efficient when B * K is large), at most what gives every CPU
+// thread a tile, a multiple of 64. Our choice (not from the papers): on the CPU a 1 MiB float tile
+// keeps the per-pixel softmax in the L2 cache while the GEMMs stay large enough for BLAS.
 int64_t pick_tile(
     const at::Tensor& ref, int64_t B, int64_t K, int64_t HW, int64_t slots, int64_t requested) {
   if (requested > 0) {
     return requested;
   }
   const int64_t target = ref.is_cuda() ? (int64_t(1) << 22) : (int64_t(1) << 18);
-  int64_t t = target / std::max<int64_t>(1, B * K);
+  int64_t t = std::max<int64_t>(512, target / std::max<int64_t>(1, B * K));
   const int64_t per_slot = (HW + slots - 1) / slots;
   t = std::min(t, ((per_slot + 63) / 64) * 64);
   return std::max<int64_t>(64, (t / 64) * 64);
@@ -118,18 +119,26 @@ int64_t num_slots(const at::Tensor& ref) {
   return ref.is_cuda() ? 1 : std::max<int64_t>(1, at::get_num_threads());
 }
 
-// Runs body(tile_begin, tile_end, slot) over the tiles [0, n_tiles). On the CPU this is a single
-// at::parallel_for region: every thread takes a contiguous range of tiles, the GEMMs and tile
-// kernels inside it run single-threaded (no barrier per tile, which matters on a loaded machine),
-// and `slot` (the thread number) selects the thread's private accumulator. On CUDA the tiles run
-// in order on the current stream with slot 0.
+// Runs body(first_tile, last_tile, slot) over the tiles [0, n_tiles). On the CPU this is a single
+// at::parallel_for region: every thread takes a contiguous range of tiles and runs their GEMMs
+// and tile kernels itself (nested ATen parallel_for calls run inline), so there is one thread
+// synchronisation per call instead of several per tile (measured here: several times faster than
+// multi-threaded GEMMs tile after tile when other processes compete for the cores); `slot` (the
+// thread number) selects the thread's private accumulator. On CUDA the tiles run in order on the
+// current stream with slot 0.
 template <typename F>
-void for_each_tile_range(const at::Tensor& ref, int64_t n_tiles, int64_t slots, const F& body) {
-  if (ref.is_cuda() || n_tiles <= 1) {
+void for_each_tile_range(
+    const at::Tensor& ref, int64_t n_tiles, int64_t slots, int64_t work, const F& body) {
+  // Small problems run inline: waking the thread pool costs more than they do.
+  constexpr int64_t kMinParallelWork = int64_t(1) << 22;  // multiply-adds
+  if (ref.is_cuda() || n_tiles <= 1 || slots <= 1 || work < kMinParallelWork) {
     body(0, n_tiles, 0);
     return;
   }
+  // Worker threads inherit the caller's thread-local state (grad mode, inference mode, ...).
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     const int64_t slot = at::get_thread_num();
     TORCH_CHECK(slot >= 0 && slot < slots, "soft_cluster: unexpected thread number ", slot);
     body(begin, end, slot);
@@ -176,11 +185,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_cluster_forward(
   const int64_t n_tiles = (HW + T - 1) / T;
   at::Tensor partial = at::zeros({slots, B, K, Dv}, opts);  // per-slot sums of M_t v_t
 
-  for_each_tile_range(q, n_tiles, slots, [&](int64_t tile_begin, int64_t tile_end, int64_t slot) {
-    at::Tensor acc = partial.select(0, slot);
+  const int64_t work = B * K * HW * (q.size(2) + Dv);
+  for_each_tile_range(q, n_tiles, slots, work, [&](int64_t first, int64_t last, int64_t s) {
+    at::Tensor acc = partial.select(0, s);
     at::Tensor tile_full = at::empty({B, K, T}, opts);
     at::Tensor lse_full = at::empty({B, T}, opts);
-    for (int64_t i = tile_begin; i < tile_end; ++i) {
+    for (int64_t i = first; i < last; ++i) {
       const int64_t start = i * T;
       const int64_t len = std::min(T, HW - start);
       at::Tensor tile = tile_buffer(tile_full, len, T);
@@ -231,7 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_cluster_backward
     }
     return out;
   };
-  const std::optional<at::Tensor> grad_update = contiguous_opt(grad_update_in, "grad_update", false);
+  const std::optional<at::Tensor> grad_update =
+      contiguous_opt(grad_update_in, "grad_update", false);
   if (grad_update.has_value()) {
     TORCH_CHECK(
         grad_update->dim() == 3 && grad_update->size(0) == B && grad_update->size(1) == K &&
@@ -263,14 +274,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_cluster_backward
   const bool has_gl = grad_logits.has_value();
   const bool has_gm = grad_assign.has_value();
 
-  at::Tensor grad_k = need_k ? at::zeros({B, HW, D}, opts) : at::Tensor();
-  at::Tensor grad_v = need_v ? at::zeros({B, HW, Dv}, opts) : at::Tensor();
-  at::Tensor grad_bias = need_bias ? at::zeros({B, K, HW}, opts) : at::Tensor();
-
   // dL is needed by q, k and bias; M alone by v. Without any incoming gradient all stay zero.
-  const bool need_dl = (need_q || need_k || need_bias) && (has_gu || has_gl || has_gm);
-  const bool need_dv = need_v && has_gu;
-  if (HW == 0 || B == 0 || K == 0 || !(need_dl || need_dv)) {
+  const bool empty = HW == 0 || B == 0 || K == 0;
+  const bool need_dl = !empty && (need_q || need_k || need_bias) && (has_gu || has_gl || has_gm);
+  const bool need_dv = !empty && need_v && has_gu;
+  // Gradients written tile by tile in full need no zero fill.
+  auto make_grad = [&](bool needed, bool fully_written, at::IntArrayRef sizes) {
+    if (!needed) {
+      return at::Tensor();
+    }
+    return fully_written ? at::empty(sizes, opts) : at::zeros(sizes, opts);
+  };
+  at::Tensor grad_k = make_grad(need_k, need_dl, {B, HW, D});
+  at::Tensor grad_v = make_grad(need_v, need_dv, {B, HW, Dv});
+  at::Tensor grad_bias = make_grad(need_bias, need_dl, {B, K, HW});
+  if (!(need_dl || need_dv)) {
     at::Tensor grad_q = need_q ? at::zeros({B, K, D}, opts) : at::Tensor();
     return {grad_q, grad_k, grad_v, grad_bias};
   }
@@ -282,13 +300,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_cluster_backward
   // Per-slot sums of scale * dL_t k_t.
   at::Tensor partial_q = need_q ? at::zeros({slots, B, K, D}, opts) : at::Tensor();
 
-  for_each_tile_range(q, n_tiles, slots, [&](int64_t tile_begin, int64_t tile_end, int64_t slot) {
+  const int64_t work = B * K * HW * (D + Dv);
+  for_each_tile_range(q, n_tiles, slots, work, [&](int64_t first, int64_t last, int64_t s) {
     at::Tensor prob_full = at::empty({B, K, T}, opts);
     at::Tensor lse_full = at::empty({B, T}, opts);
     at::Tensor dprob_full = need_dl ? at::empty({B, K, T}, opts) : at::Tensor();
     at::Tensor extra_full = need_dl && has_gl ? at::empty({B, K, T}, opts) : at::Tensor();
-    at::Tensor acc_q = need_q ? partial_q.select(0, slot) : at::Tensor();
-    for (int64_t i = tile_begin; i < tile_end; ++i) {
+    at::Tensor acc_q = need_q ? partial_q.select(0, s) : at::Tensor();
+    for (int64_t i = first; i < last; ++i) {
       const int64_t start = i * T;
       const int64_t len = std::min(T, HW - start);
       const at::Tensor k_t = k.narrow(1, start, len);

@@ -54,7 +54,11 @@ __global__ void tile_softmax_kernel(
 
 template <typename scalar_t>
 __global__ void tile_recompute_kernel(
-    scalar_t* __restrict__ tile, const scalar_t* __restrict__ lse, int64_t B, int64_t K, int64_t T) {
+    scalar_t* __restrict__ tile,
+    const scalar_t* __restrict__ lse,
+    int64_t B,
+    int64_t K,
+    int64_t T) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= B * T) {
     return;
