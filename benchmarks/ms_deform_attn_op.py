@@ -34,8 +34,8 @@ import sys
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from common import peak_memory_bytes, timed  # noqa: E402  (benchmarks/common.py)
 from seg_methods.layers.ms_deform_attn import ms_deform_attn
 from seg_methods.utils.ext import has_op
 
@@ -87,30 +87,6 @@ def run_forward_backward(inputs, impl):
     out = ms_deform_attn(leaves[0], ss, lsi, leaves[1], leaves[2], impl=impl)
     out.backward(grad_out)
     return out.detach(), [t.grad for t in leaves]
-
-
-def peak_memory_bytes(fn):
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        fields = node.extra_fields
-        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
-            events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
-    if not events:
-        return 0
-    events.sort()
-    # The allocator's running total before the first event of the call is the baseline.
-    baseline = events[0][2] - events[0][1]
-    return max(total for _, _, total in events) - baseline
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def bench_case(batch, locations, repeats):

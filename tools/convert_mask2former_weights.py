@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from seg_methods.utils.checkpoint import load_checkpoint_file  # noqa: E402
+from seg_methods.utils.checkpoint import load_checkpoint_file, strip_common_prefix  # noqa: E402
 
 # (regular expression on the official name, replacement). Empty: our names are the official ones.
 RENAMES: List[Tuple[str, str]] = []
@@ -46,8 +46,7 @@ def convert(state: Dict[str, object]) -> Tuple[Dict[str, torch.Tensor], List[Tup
     Returns:
         tuple: (name -> Tensor, list of (old name, new name) for renamed keys).
     """
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
+    state = strip_common_prefix(state, "module.")
     out, renamed = {}, []
     for k, v in state.items():
         if isinstance(v, np.ndarray):

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from seg_methods.utils.checkpoint import torch_load_weights_only  # noqa: E402
+from seg_methods.utils.checkpoint import strip_common_prefix, torch_load_weights_only  # noqa: E402
 
 _DROPPED = (
     re.compile(r"^head\."),
@@ -48,9 +48,7 @@ def find_state_dict(ckpt) -> Dict[str, torch.Tensor]:
                 break
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise ValueError("no state dict of tensors found (expected a 'model' entry)")
-    if ckpt and all(k.startswith("module.") for k in ckpt):
-        ckpt = {k[len("module.") :]: v for k, v in ckpt.items()}
-    return ckpt
+    return strip_common_prefix(ckpt, "module.")
 
 
 def convert(

@@ -7,12 +7,16 @@ from .common import add_common_config
 def add_seg_methods_config(cfg):
     """Add the shared keys and every method's ``cfg.MODEL.<METHOD>`` node to ``cfg``."""
     # Imported here so each method's config module stays independent of the others.
+    from .clustseg import add_clustseg_config
+    from .cmt_deeplab import add_cmt_deeplab_config
     from .mask2former import add_mask2former_config
     from .swin import add_swin_config
 
     add_common_config(cfg)
     add_swin_config(cfg)
     add_mask2former_config(cfg)
+    add_cmt_deeplab_config(cfg)
+    add_clustseg_config(cfg)
     return cfg
 
 

@@ -48,6 +48,7 @@ def add_common_config(cfg):
     cfg.TEST.SEMANTIC_ON = True
     cfg.TEST.INSTANCE_ON = False
     cfg.TEST.PANOPTIC_ON = False
+    cfg.TEST.SUPERPIXEL_ON = False  # superpixel maps (evaluator_type "superpixel")
     # Number of validation images whose predictions are drawn to OUTPUT_DIR/vis after eval.
     cfg.TEST.NUM_VIS_IMAGES = 0
 

@@ -2,3 +2,4 @@
 
 from .build import EVALUATORS, build_evaluator  # noqa: F401
 from .instance_evaluation import InstanceSegEvaluator  # noqa: F401
+from .superpixel import SuperpixelEvaluator  # noqa: F401

@@ -17,6 +17,7 @@ cityscapes_sem_seg             CityscapesSemSegEvaluator (semantic)
 cityscapes_instance            CityscapesInstanceEvaluator (instance)
 cityscapes_panoptic_seg        COCOPanopticEvaluator (panoptic), CityscapesSemSegEvaluator
                                (semantic), CityscapesInstanceEvaluator (instance)
+superpixel                     SuperpixelEvaluator (superpixel): ASA and CO
 =============================  ==========================================================
 
 The Cityscapes evaluators need ``cityscapesscripts`` when they evaluate; the panoptic evaluator
@@ -36,8 +37,10 @@ from detectron2.evaluation import (
 )
 
 from .instance_evaluation import InstanceSegEvaluator
+from .superpixel import SuperpixelEvaluator
 
 SEMANTIC, INSTANCE, PANOPTIC = "SEMANTIC_ON", "INSTANCE_ON", "PANOPTIC_ON"
+SUPERPIXEL = "SUPERPIXEL_ON"
 
 
 def _sem_seg(dataset_name: str, output_folder: str):
@@ -74,6 +77,10 @@ def _cityscapes_instance(dataset_name: str, output_folder: str):
     return CityscapesInstanceEvaluator(dataset_name)
 
 
+def _superpixel(dataset_name: str, output_folder: str):
+    return SuperpixelEvaluator(dataset_name)
+
+
 Factory = Callable[[str, str], object]
 _GENERIC_PANOPTIC: List[Tuple[str, Factory]] = [
     (PANOPTIC, _panoptic),
@@ -95,6 +102,7 @@ EVALUATORS: Dict[str, List[Tuple[str, Factory]]] = {
         (SEMANTIC, _cityscapes_sem_seg),
         (INSTANCE, _cityscapes_instance),
     ],
+    "superpixel": [(SUPERPIXEL, _superpixel)],
 }
 
 
@@ -128,7 +136,9 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
         if cfg.TEST.get(flag)
     ]
     if not evaluators:
-        flags = ", ".join(f"TEST.{f}={cfg.TEST.get(f)}" for f in (SEMANTIC, INSTANCE, PANOPTIC))
+        flags = ", ".join(
+            f"TEST.{f}={cfg.TEST.get(f)}" for f in (SEMANTIC, INSTANCE, PANOPTIC, SUPERPIXEL)
+        )
         supported = sorted({f for f, _ in EVALUATORS[evaluator_type]})
         raise KeyError(
             f"No evaluator for '{dataset_name}' (evaluator_type={evaluator_type}) with {flags}: "

@@ -1,4 +1,5 @@
 """Layers and custom ops (compiled in seg_methods._C, with pure-PyTorch references)."""
+from .axial import AxialAttention, AxialAttention2D, AxialBlock  # noqa: F401
 from .clustering import (  # noqa: F401
     hard_cluster,
     hard_cluster_from_qk,

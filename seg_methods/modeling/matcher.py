@@ -21,11 +21,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .criterion.losses import pairwise_dice_loss, pairwise_sigmoid_ce_loss
+from .criterion.losses import pairwise_dice_loss, pairwise_sigmoid_ce_loss, sample_mask_points
 
 __all__ = [
     "HungarianMatcher",
@@ -82,17 +81,11 @@ def pairwise_mask_costs(
         Tuple[Tensor, Tensor]: (Q, N) BCE cost and (Q, N) dice cost.
     """
     coords = point_coords.reshape(1, -1, 2).float()  # (1, P, 2)
-    pred = pred_masks.float()[:, None]  # (Q, 1, H, W)
-    tgt = target_masks.float()[:, None]  # (N, 1, H', W')
-    pred_points = point_sample(
-        pred, coords.expand(pred.shape[0], -1, -1), align_corners=False
-    ).squeeze(
-        1
+    pred_points = sample_mask_points(
+        pred_masks.float(), coords.expand(pred_masks.shape[0], -1, -1)
     )  # (Q, P)
-    tgt_points = point_sample(
-        tgt, coords.expand(tgt.shape[0], -1, -1), align_corners=False
-    ).squeeze(
-        1
+    tgt_points = sample_mask_points(
+        target_masks.float(), coords.expand(target_masks.shape[0], -1, -1)
     )  # (N, P)
     return (
         pairwise_sigmoid_ce_loss(pred_points, tgt_points),

@@ -62,6 +62,7 @@ __all__ = [
     "restricted_pickle_load",
     "torch_load_weights_only",
     "load_checkpoint_file",
+    "strip_common_prefix",
     "SegCheckpointer",
 ]
 
@@ -293,11 +294,20 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Checkpointer
 # --------------------------------------------------------------------------------------------
-def _strip_common_prefix(state: Dict[str, Any], prefix: str) -> None:
-    # As fvcore: strip ``prefix`` (DDP's "module.") only when every key carries it.
+def strip_common_prefix(state: Dict[str, Any], prefix: str = "module.") -> Dict[str, Any]:
+    """Remove ``prefix`` (DDP's "module.") from the keys when every key carries it (as fvcore).
+
+    Args:
+        state (dict): a state dict.
+        prefix (str): the prefix to remove.
+
+    Returns:
+        dict: a new dict with the stripped keys (same order), or ``state`` itself when some key
+        lacks the prefix (or it is empty).
+    """
     if state and all(k.startswith(prefix) for k in state):
-        for k in list(state):
-            state[k[len(prefix) :]] = state.pop(k)
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
 
 
 def _longest_suffix_matches(model_keys: Sequence[str], ckpt_keys: Set[str]) -> Dict[str, str]:
@@ -412,7 +422,7 @@ class SegCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint: Dict[str, Any]):
         state = checkpoint["model"]
         self._convert_ndarray_to_tensor(state)
-        _strip_common_prefix(state, "module.")
+        state = checkpoint["model"] = strip_common_prefix(state, "module.")
         model_state = self.model.state_dict()
         source = self._path_during_load or "<checkpoint>"
 

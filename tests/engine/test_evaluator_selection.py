@@ -19,7 +19,12 @@ from PIL import Image
 
 from seg_methods.config import get_cfg
 from seg_methods.engine import flatten_metrics, format_metrics_table, write_metrics_json
-from seg_methods.evaluation import EVALUATORS, InstanceSegEvaluator, build_evaluator
+from seg_methods.evaluation import (
+    EVALUATORS,
+    InstanceSegEvaluator,
+    SuperpixelEvaluator,
+    build_evaluator,
+)
 
 PAN = [COCOPanopticEvaluator, InstanceSegEvaluator, SemSegEvaluator]
 EXPECTED = {
@@ -35,6 +40,7 @@ EXPECTED = {
         CityscapesSemSegEvaluator,
         CityscapesInstanceEvaluator,
     ],
+    "superpixel": [SuperpixelEvaluator],
 }
 
 
@@ -42,6 +48,7 @@ def _cfg(tmp_path, semantic=True, instance=True, panoptic=True):
     cfg = get_cfg()
     cfg.OUTPUT_DIR = str(tmp_path)
     cfg.TEST.SEMANTIC_ON, cfg.TEST.INSTANCE_ON, cfg.TEST.PANOPTIC_ON = semantic, instance, panoptic
+    cfg.TEST.SUPERPIXEL_ON = True
     return cfg
 
 

@@ -1,5 +1,6 @@
 """Dataset mappers. Importing this package registers them in DATASET_MAPPER_REGISTRY."""
 
 from . import mask_former  # noqa: F401  registers the mask_former_* and coco_*_lsj mappers
+from . import superpixel  # noqa: F401  registers the "superpixel" mapper
 from .base import AUGMENTATION_POLICIES, SegDatasetMapper, read_image_checked  # noqa: F401
 from .targets import instance_targets, panoptic_targets, semantic_targets  # noqa: F401

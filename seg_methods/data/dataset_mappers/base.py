@@ -28,6 +28,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.projects.point_rend import ColorAugSSDTransform
 
+from ..datasets.panoptic_utils import rgb_to_ids
 from .targets import instance_targets, panoptic_targets, semantic_from_panoptic, semantic_targets
 
 logger = logging.getLogger(__name__)
@@ -341,7 +342,7 @@ class SegDatasetMapper:
             pan_rgb = self._read_pan_seg(record, image)
             if sem is None:  # needed by the category-area crop and useful as "sem_seg"
                 sem = semantic_from_panoptic(
-                    _rgb2id(pan_rgb), record["segments_info"], self.ignore_label
+                    rgb_to_ids(pan_rgb), record["segments_info"], self.ignore_label
                 )
         elif self.target == "instance":
             inst_masks, inst_classes = self._read_instance_masks(record, image)
@@ -379,7 +380,7 @@ class SegDatasetMapper:
                 source=record.get("sem_seg_file_name", ""),
             )
         elif self.target == "panoptic":
-            pan_t = torch.from_numpy(np.array(_rgb2id(pan_rgb), dtype=np.int64))
+            pan_t = torch.from_numpy(np.array(rgb_to_ids(pan_rgb), dtype=np.int64))
             pan_t = _pad_bottom_right(pan_t, size, PAN_PAD_ID)  # (H, W)
             record["instances"] = panoptic_targets(
                 pan_t,
@@ -397,15 +398,6 @@ class SegDatasetMapper:
             )
             record.pop("annotations", None)
         return record
-
-
-def _rgb2id(pan_rgb: np.ndarray) -> np.ndarray:
-    """Panoptic PNG colours (H, W, 3) -> segment ids (H, W), COCO panoptic's encoding."""
-    try:
-        from panopticapi.utils import rgb2id
-    except ImportError as e:
-        raise ImportError("panoptic mappers need panopticapi (pip install panopticapi-lite)") from e
-    return rgb2id(pan_rgb)
 
 
 __all__ = [

@@ -77,7 +77,7 @@ def panoptic_targets(
     """One binary mask per non-crowd segment of a panoptic id map (things and stuff).
 
     Args:
-        pan_ids (Tensor): (H, W) int64 segment ids (``rgb2id`` of the panoptic PNG); ids absent
+        pan_ids (Tensor): (H, W) int64 segment ids (``rgb_to_ids`` of the panoptic PNG); ids absent
             from ``segments_info`` (void, padding) produce no target.
         segments_info (list[dict]): detectron2 panoptic records with "id", "category_id"
             (contiguous) and optional "iscrowd".

@@ -6,14 +6,13 @@ Mask2Former's layout (made by ``datasets/prepare_ade20k_pan_seg.py``): 100 thing
 classes, contiguous ids = semantic label - 1 for both. Class table: ``meta/ade20k_150.csv``.
 """
 
-import functools
 import os
 
 from detectron2.data import MetadataCatalog
 
 from .class_tables import panoptic_metadata_from_categories, read_class_table
-from .layout import add_layout_check, register_checked
-from .panoptic_utils import load_panoptic_json
+from .layout import add_layout_check
+from .registration import PanopticFiles, register_panoptic_dataset
 
 ADE20K_LAYOUT = """\
 ADEChallengeData2016/
@@ -46,36 +45,27 @@ def register_all_ade20k(root: str) -> None:
     base = os.path.join(root, "ADEChallengeData2016")
     meta = ade20k_panoptic_metadata()
     for split, dirname in (("train", "training"), ("val", "validation")):
-        image_root = os.path.join(base, "images", dirname)
-        sem_seg_root = os.path.join(base, "annotations_detectron2", dirname)
-        panoptic_root = os.path.join(base, f"ade20k_panoptic_{split}")
-        panoptic_json = os.path.join(base, f"ade20k_panoptic_{split}.json")
-        instances_json = os.path.join(base, f"ade20k_instance_{split}.json")
+        files = PanopticFiles(
+            image_root=os.path.join(base, "images", dirname),
+            panoptic_root=os.path.join(base, f"ade20k_panoptic_{split}"),
+            panoptic_json=os.path.join(base, f"ade20k_panoptic_{split}.json"),
+            sem_seg_root=os.path.join(base, "annotations_detectron2", dirname),
+            json_file=os.path.join(base, f"ade20k_instance_{split}.json"),
+        )
 
         sem_name = f"ade20k_sem_seg_{split}"
-        add_layout_check(sem_name, [image_root, sem_seg_root], ADE20K_LAYOUT)
+        add_layout_check(sem_name, [files.image_root, files.sem_seg_root], ADE20K_LAYOUT)
         if sem_name in MetadataCatalog.list() and not hasattr(
             MetadataCatalog.get(sem_name), "stuff_colors"
         ):
             MetadataCatalog.get(sem_name).set(stuff_colors=meta["stuff_colors"])
 
-        name = f"ade20k_panoptic_{split}"
-        register_checked(
-            name,
-            functools.partial(
-                load_panoptic_json, panoptic_json, image_root, panoptic_root, sem_seg_root, meta
-            ),
-            [image_root, panoptic_root, panoptic_json, sem_seg_root],
-            ADE20K_LAYOUT,
-        )
-        MetadataCatalog.get(name).set(
-            image_root=image_root,
-            panoptic_root=panoptic_root,
-            panoptic_json=panoptic_json,
-            sem_seg_root=sem_seg_root,
-            json_file=instances_json,
+        register_panoptic_dataset(
+            f"ade20k_panoptic_{split}",
+            meta,
+            files,
             evaluator_type="ade20k_panoptic_seg",
+            layout=ADE20K_LAYOUT,
             ignore_label=255,
             label_divisor=1000,
-            **meta,
         )

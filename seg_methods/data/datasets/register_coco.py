@@ -5,15 +5,13 @@ detectron2 already registers ``coco_2017_{train,val}`` (instances) and
 The class list is detectron2's ``COCO_CATEGORIES`` (80 things + 53 stuff).
 """
 
-import functools
 import os
 
-from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 from .class_tables import panoptic_metadata_from_categories
-from .layout import add_layout_check, register_checked
-from .panoptic_utils import load_panoptic_json
+from .layout import add_layout_check
+from .registration import PanopticFiles, register_panoptic_dataset
 
 COCO_LAYOUT = """\
 coco/
@@ -39,34 +37,26 @@ def register_all_coco(root: str) -> None:
     """
     meta = coco_panoptic_metadata()
     for split in ("train", "val"):
-        image_root = os.path.join(root, "coco", f"{split}2017")
-        panoptic_root = os.path.join(root, "coco", f"panoptic_{split}2017")
-        panoptic_json = os.path.join(root, "coco", "annotations", f"panoptic_{split}2017.json")
-        sem_seg_root = os.path.join(root, "coco", f"panoptic_semseg_{split}2017")
-        instances_json = os.path.join(root, "coco", "annotations", f"instances_{split}2017.json")
-
-        name = f"coco_2017_{split}_panoptic_with_sem_seg"
-        register_checked(
-            name,
-            functools.partial(
-                load_panoptic_json, panoptic_json, image_root, panoptic_root, sem_seg_root, meta
-            ),
-            [image_root, panoptic_root, panoptic_json, sem_seg_root],
-            COCO_LAYOUT,
+        files = PanopticFiles(
+            image_root=os.path.join(root, "coco", f"{split}2017"),
+            panoptic_root=os.path.join(root, "coco", f"panoptic_{split}2017"),
+            panoptic_json=os.path.join(root, "coco", "annotations", f"panoptic_{split}2017.json"),
+            sem_seg_root=os.path.join(root, "coco", f"panoptic_semseg_{split}2017"),
+            json_file=os.path.join(root, "coco", "annotations", f"instances_{split}2017.json"),
         )
-        MetadataCatalog.get(name).set(
-            image_root=image_root,
-            panoptic_root=panoptic_root,
-            panoptic_json=panoptic_json,
-            sem_seg_root=sem_seg_root,
-            json_file=instances_json,
+        register_panoptic_dataset(
+            f"coco_2017_{split}_panoptic_with_sem_seg",
+            meta,
+            files,
             evaluator_type="coco_panoptic_seg",
+            layout=COCO_LAYOUT,
             ignore_label=255,
             label_divisor=1000,
-            **meta,
         )
         # detectron2's own registrations: keep their loaders, add the layout check.
-        add_layout_check(f"coco_2017_{split}", [image_root, instances_json], COCO_LAYOUT)
+        add_layout_check(f"coco_2017_{split}", [files.image_root, files.json_file], COCO_LAYOUT)
         add_layout_check(
-            f"coco_2017_{split}_panoptic", [image_root, panoptic_root, panoptic_json], COCO_LAYOUT
+            f"coco_2017_{split}_panoptic",
+            [files.image_root, files.panoptic_root, files.panoptic_json],
+            COCO_LAYOUT,
         )

@@ -14,7 +14,7 @@ from detectron2.data.datasets import load_sem_seg
 
 from .class_tables import hierarchy_from_keys, panoptic_metadata_from_categories, read_class_table
 from .layout import register_checked
-from .panoptic_utils import load_panoptic_json
+from .registration import PanopticFiles, register_panoptic_dataset
 
 VISTAS_IGNORE_LABEL = 65
 
@@ -55,24 +55,28 @@ def register_all_mapillary_vistas(root: str) -> None:
     meta = vistas_metadata()
     for split, dirname in (("train", "training"), ("val", "validation")):
         base = os.path.join(root, "mapillary_vistas", dirname)
-        image_root = os.path.join(base, "images")
-        sem_seg_root = os.path.join(base, "labels")
-        panoptic_root = os.path.join(base, "panoptic")
-        panoptic_json = os.path.join(panoptic_root, "panoptic_2018.json")
-        instances_json = os.path.join(
-            root, "mapillary_vistas", f"mapillary_vistas_instance_{split}.json"
+        files = PanopticFiles(
+            image_root=os.path.join(base, "images"),
+            panoptic_root=os.path.join(base, "panoptic"),
+            panoptic_json=os.path.join(base, "panoptic", "panoptic_2018.json"),
+            sem_seg_root=os.path.join(base, "labels"),
+            json_file=os.path.join(
+                root, "mapillary_vistas", f"mapillary_vistas_instance_{split}.json"
+            ),
         )
 
         name = f"mapillary_vistas_sem_seg_{split}"
         register_checked(
             name,
-            lambda s=sem_seg_root, i=image_root: load_sem_seg(s, i, gt_ext="png", image_ext="jpg"),
-            [image_root, sem_seg_root],
+            functools.partial(
+                load_sem_seg, files.sem_seg_root, files.image_root, gt_ext="png", image_ext="jpg"
+            ),
+            [files.image_root, files.sem_seg_root],
             VISTAS_LAYOUT,
         )
         MetadataCatalog.get(name).set(
-            image_root=image_root,
-            sem_seg_root=sem_seg_root,
+            image_root=files.image_root,
+            sem_seg_root=files.sem_seg_root,
             stuff_classes=meta["stuff_classes"],
             stuff_colors=meta["stuff_colors"],
             class_hierarchy=meta["class_hierarchy"],
@@ -80,23 +84,12 @@ def register_all_mapillary_vistas(root: str) -> None:
             ignore_label=VISTAS_IGNORE_LABEL,
         )
 
-        name = f"mapillary_vistas_panoptic_{split}"
-        register_checked(
-            name,
-            functools.partial(
-                load_panoptic_json, panoptic_json, image_root, panoptic_root, sem_seg_root, meta
-            ),
-            [image_root, panoptic_root, panoptic_json, sem_seg_root],
-            VISTAS_LAYOUT,
-        )
-        MetadataCatalog.get(name).set(
-            image_root=image_root,
-            panoptic_root=panoptic_root,
-            panoptic_json=panoptic_json,
-            sem_seg_root=sem_seg_root,
-            json_file=instances_json,
+        register_panoptic_dataset(
+            f"mapillary_vistas_panoptic_{split}",
+            meta,
+            files,
             evaluator_type="mapillary_vistas_panoptic_seg",
+            layout=VISTAS_LAYOUT,
             ignore_label=VISTAS_IGNORE_LABEL,
             label_divisor=1000,
-            **meta,
         )

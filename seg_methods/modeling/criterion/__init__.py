@@ -8,6 +8,7 @@ from .losses import (  # noqa: F401
     point_sample_pairs,
     point_sampled_mask_losses,
     sample_importance_points,
+    sample_mask_points,
     sigmoid_ce_loss,
 )
 from .set_criterion import (  # noqa: F401

@@ -33,6 +33,7 @@ __all__ = [
     "pairwise_dice_loss",
     "mask_uncertainty",
     "sample_importance_points",
+    "sample_mask_points",
     "point_sample_pairs",
     "point_sampled_mask_losses",
 ]
@@ -158,6 +159,19 @@ def sample_importance_points(
     )
 
 
+def sample_mask_points(masks: torch.Tensor, point_coords: torch.Tensor) -> torch.Tensor:
+    """Bilinear values (align_corners=False, zeros outside) of masks at normalised points.
+
+    Args:
+        masks (Tensor): (N, H, W) single-channel maps (logits or targets).
+        point_coords (Tensor): (N, P, 2) coordinates in [0, 1] x [0, 1], (x, y) order.
+
+    Returns:
+        Tensor: (N, P) sampled values.
+    """
+    return point_sample(masks[:, None], point_coords, align_corners=False).squeeze(1)
+
+
 def point_sample_pairs(
     pred_masks: torch.Tensor, target_masks: torch.Tensor, point_coords: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -175,10 +189,8 @@ def point_sample_pairs(
         Tuple[Tensor, Tensor]: (N, P) point logits and (N, P) point targets.
     """
     with torch.no_grad():
-        point_labels = point_sample(
-            target_masks[:, None].to(pred_masks), point_coords, align_corners=False
-        ).squeeze(1)
-    point_logits = point_sample(pred_masks[:, None], point_coords, align_corners=False).squeeze(1)
+        point_labels = sample_mask_points(target_masks.to(pred_masks), point_coords)
+    point_logits = sample_mask_points(pred_masks, point_coords)
     return point_logits, point_labels
 
 

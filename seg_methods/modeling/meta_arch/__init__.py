@@ -1,3 +1,5 @@
 """Meta-architectures (registered in detectron2's META_ARCH_REGISTRY)."""
+from .cmt_deeplab import CMTDeepLab  # noqa: F401
 from .mask2former import Mask2Former  # noqa: F401
 from .mask_classification import MaskClassificationModel  # noqa: F401
+from .clustseg import ClustSeg  # noqa: F401

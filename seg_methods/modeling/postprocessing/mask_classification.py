@@ -36,6 +36,8 @@ __all__ = [
     "mask_cls_inference_kwargs",
     "thing_ids_from_metadata",
     "output_sizes_from_inputs",
+    "mask_wise_merge",
+    "per_pixel_merge",
 ]
 
 
@@ -347,3 +349,112 @@ def mask_cls_inference_kwargs(cfg) -> Dict:
         "test_topk_per_image": m.TEST_TOPK_PER_IMAGE,
         "thing_ids": thing_ids,
     }
+
+
+def mask_wise_merge(
+    class_probs: torch.Tensor,
+    mask_probs: torch.Tensor,
+    *,
+    thing_ids: Iterable[int] = (),
+    class_threshold: float = 0.7,
+    overlap_threshold: float = 0.8,
+) -> Tuple[torch.Tensor, List[Dict]]:
+    """Mask-wise merging (MaskFormer Sec. 3.4) for masks normalised over the queries.
+
+    Used by CMT-DeepLab (Table 2d), whose masks are a softmax over the N mask slots per pixel
+    (MaX-DeepLab). A query is kept when its most likely class is not void and that probability
+    exceeds ``class_threshold``. Each pixel goes to the kept query with the highest
+    ``class score * mask probability``; a query keeps the pixels it wins among those where it is
+    also the argmax of the raw mask probabilities (its own mask), and is dropped when it wins less
+    than ``overlap_threshold`` of its own mask. Stuff segments of the same class are merged.
+
+    Args:
+        class_probs (Tensor): (Q, C + 1) class probabilities (last = void).
+        mask_probs (Tensor): (Q, H, W) mask probabilities (summing to 1 over Q at every pixel).
+        thing_ids (iterable[int]): contiguous thing class ids.
+        class_threshold (float): minimum class confidence.
+        overlap_threshold (float): minimum won / own area ratio.
+
+    Returns:
+        tuple: (panoptic_seg (H, W) int32 with 0 = void, segments_info list of {"id",
+        "isthing", "category_id"}), in the format of :func:`panoptic_inference`.
+    """
+    num_classes = class_probs.shape[-1] - 1
+    thing_ids = set(int(t) for t in thing_ids)
+    scores, labels = class_probs.max(-1)  # (Q,)
+    keep = labels.ne(num_classes) & (scores > class_threshold)
+    h, w = mask_probs.shape[-2:]
+    panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=mask_probs.device)
+    segments_info: List[Dict] = []
+    if not bool(keep.any()):
+        return panoptic_seg, segments_info
+    own_ids = mask_probs.argmax(0)  # (H, W): raw argmax over all queries
+    kept = keep.nonzero()[:, 0]
+    won_ids = (scores[kept].view(-1, 1, 1) * mask_probs[kept]).argmax(0)  # (H, W) into kept
+    stuff_segment_ids: Dict[int, int] = {}
+    current = 0
+    for k, q in enumerate(kept.tolist()):
+        pred_class = int(labels[q])
+        isthing = pred_class in thing_ids
+        own = own_ids == q
+        won = won_ids == k
+        own_area = int(own.sum())
+        mask = won & own
+        area = int(mask.sum())
+        if own_area == 0 or area == 0 or area / own_area < overlap_threshold:
+            continue
+        if not isthing:
+            if pred_class in stuff_segment_ids:
+                panoptic_seg[mask] = stuff_segment_ids[pred_class]
+                continue
+            stuff_segment_ids[pred_class] = current + 1
+        current += 1
+        panoptic_seg[mask] = current
+        segments_info.append({"id": current, "isthing": bool(isthing), "category_id": pred_class})
+    return panoptic_seg, segments_info
+
+
+def per_pixel_merge(
+    class_probs: torch.Tensor,
+    mask_probs: torch.Tensor,
+    *,
+    thing_ids: Iterable[int] = (),
+    class_threshold: float = 0.7,
+) -> Tuple[torch.Tensor, List[Dict]]:
+    """MaX-DeepLab's per-pixel panoptic inference: every pixel takes the argmax query of the mask
+    probabilities; queries whose class (not void) confidence is at most ``class_threshold`` leave
+    their pixels void. Stuff segments of the same class are merged.
+
+    Args:
+        class_probs (Tensor): (Q, C + 1) class probabilities.
+        mask_probs (Tensor): (Q, H, W) mask probabilities.
+        thing_ids (iterable[int]): contiguous thing class ids.
+        class_threshold (float): minimum class confidence.
+
+    Returns:
+        tuple: (panoptic_seg (H, W) int32, segments_info), as :func:`mask_wise_merge`.
+    """
+    thing_ids = set(int(t) for t in thing_ids)
+    num_classes = class_probs.shape[-1] - 1
+    scores, labels = class_probs.max(-1)
+    keep = labels.ne(num_classes) & (scores > class_threshold)
+    ids = mask_probs.argmax(0)
+    panoptic_seg = torch.zeros(ids.shape, dtype=torch.int32, device=mask_probs.device)
+    segments_info: List[Dict] = []
+    stuff_segment_ids: Dict[int, int] = {}
+    current = 0
+    for q in keep.nonzero()[:, 0].tolist():
+        mask = ids == q
+        if not bool(mask.any()):
+            continue
+        pred_class = int(labels[q])
+        isthing = pred_class in thing_ids
+        if not isthing and pred_class in stuff_segment_ids:
+            panoptic_seg[mask] = stuff_segment_ids[pred_class]
+            continue
+        current += 1
+        if not isthing:
+            stuff_segment_ids[pred_class] = current
+        panoptic_seg[mask] = current
+        segments_info.append({"id": current, "isthing": bool(isthing), "category_id": pred_class})
+    return panoptic_seg, segments_info

@@ -41,14 +41,24 @@ at::Tensor hard_cluster_argmax(const at::Tensor& logits_in) {
   check_float(logits_in, "logits");
   c10::OptionalDeviceGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
+  const int64_t B = logits.size(0), K = logits.size(1), HW = logits.size(2);
+  at::Tensor index = at::empty({B, HW}, logits.options().dtype(at::kLong));
+  if (K == 0) {
+    return index.fill_(-1);  // no cluster: every pixel is unassigned
+  }
+  if (index.numel() == 0) {
+    return index;
+  }
   if (logits.is_cuda()) {
 #if defined(WITH_CUDA)
-    return hard_cluster_argmax_cuda(logits);
+    hard_cluster_argmax_cuda(logits, index);
 #else
     SEG_METHODS_CUDA_NOT_BUILT("hard_cluster_argmax");
 #endif
+  } else {
+    hard_cluster_argmax_cpu(logits, index);
   }
-  return hard_cluster_argmax_cpu(logits);
+  return index;
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_cluster_reduce(
@@ -60,14 +70,22 @@ std::tuple<at::Tensor, at::Tensor> hard_cluster_reduce(
   c10::OptionalDeviceGuard guard(v_in.device());
   const at::Tensor index = index_in.contiguous();
   const at::Tensor v = v_in.contiguous();
+  const int64_t B = v.size(0), HW = v.size(1), Dv = v.size(2);
+  at::Tensor counts = at::zeros({B, num_clusters}, v.options().dtype(at::kLong));
+  at::Tensor update = at::zeros({B, num_clusters, Dv}, v.options());
+  if (B * HW == 0) {
+    return {update, counts};
+  }
   if (v.is_cuda()) {
 #if defined(WITH_CUDA)
-    return hard_cluster_reduce_cuda(index, v, num_clusters, mean);
+    hard_cluster_reduce_cuda(index, v, mean, update, counts);
 #else
     SEG_METHODS_CUDA_NOT_BUILT("hard_cluster_reduce");
 #endif
+  } else {
+    hard_cluster_reduce_cpu(index, v, mean, update, counts);
   }
-  return hard_cluster_reduce_cpu(index, v, num_clusters, mean);
+  return {update, counts};
 }
 
 at::Tensor hard_cluster_reduce_backward(
@@ -96,14 +114,20 @@ at::Tensor hard_cluster_reduce_backward(
   const at::Tensor grad_update = grad_update_in.contiguous();
   const at::Tensor index = index_in.contiguous();
   const at::Tensor counts = counts_in.contiguous();
+  at::Tensor grad_v = at::empty({B, index.size(1), grad_update.size(2)}, grad_update.options());
+  if (grad_v.numel() == 0) {
+    return grad_v;
+  }
   if (grad_update.is_cuda()) {
 #if defined(WITH_CUDA)
-    return hard_cluster_reduce_backward_cuda(grad_update, index, counts, mean);
+    hard_cluster_reduce_backward_cuda(grad_update, index, counts, mean, grad_v);
 #else
     SEG_METHODS_CUDA_NOT_BUILT("hard_cluster_reduce_backward");
 #endif
+  } else {
+    hard_cluster_reduce_backward_cpu(grad_update, index, counts, mean, grad_v);
   }
-  return hard_cluster_reduce_backward_cpu(grad_update, index, counts, mean);
+  return grad_v;
 }
 
 }  // namespace seg_methods

@@ -11,8 +11,9 @@
 //   update  (B, K, Dv)   sum_n [index_n = k] v_n, divided by max(count_k, 1) for the mean
 //   counts  (B, K)       int64, number of pixels assigned to each cluster
 //
-// Public entry points (torch.ops.seg_methods.*) validate inputs and dispatch on the device; the
-// *_cpu / *_cuda functions assume validated, contiguous inputs.
+// Public entry points (torch.ops.seg_methods.*) validate inputs, allocate the outputs, handle the
+// empty cases (no pixel, no cluster) and dispatch on the device; the *_cpu / *_cuda functions
+// assume validated, contiguous inputs with at least one pixel and fill the given outputs.
 #pragma once
 
 #include <torch/types.h>
@@ -23,18 +24,24 @@
 
 namespace seg_methods {
 
-at::Tensor hard_cluster_argmax_cpu(const at::Tensor& logits);
-std::tuple<at::Tensor, at::Tensor> hard_cluster_reduce_cpu(
-    const at::Tensor& index, const at::Tensor& v, int64_t num_clusters, bool mean);
-at::Tensor hard_cluster_reduce_backward_cpu(
-    const at::Tensor& grad_update, const at::Tensor& index, const at::Tensor& counts, bool mean);
+// Kernels (K >= 1 for the argmax). `index` (B, HW) is written in full; `update` (B, K, Dv) and
+// `counts` (B, K) arrive zero-filled; `grad_v` (B, HW, Dv) is written in full.
+void hard_cluster_argmax_cpu(const at::Tensor& logits, at::Tensor& index);
+void hard_cluster_reduce_cpu(
+    const at::Tensor& index, const at::Tensor& v, bool mean, at::Tensor& update,
+    at::Tensor& counts);
+void hard_cluster_reduce_backward_cpu(
+    const at::Tensor& grad_update, const at::Tensor& index, const at::Tensor& counts, bool mean,
+    at::Tensor& grad_v);
 
 #if defined(WITH_CUDA)
-at::Tensor hard_cluster_argmax_cuda(const at::Tensor& logits);
-std::tuple<at::Tensor, at::Tensor> hard_cluster_reduce_cuda(
-    const at::Tensor& index, const at::Tensor& v, int64_t num_clusters, bool mean);
-at::Tensor hard_cluster_reduce_backward_cuda(
-    const at::Tensor& grad_update, const at::Tensor& index, const at::Tensor& counts, bool mean);
+void hard_cluster_argmax_cuda(const at::Tensor& logits, at::Tensor& index);
+void hard_cluster_reduce_cuda(
+    const at::Tensor& index, const at::Tensor& v, bool mean, at::Tensor& update,
+    at::Tensor& counts);
+void hard_cluster_reduce_backward_cuda(
+    const at::Tensor& grad_update, const at::Tensor& index, const at::Tensor& counts, bool mean,
+    at::Tensor& grad_v);
 #endif
 
 // Device-dispatching entry points (defined in hard_cluster.cpp).

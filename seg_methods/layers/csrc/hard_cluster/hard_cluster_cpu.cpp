@@ -158,33 +158,21 @@ void reduce_backward_kernel(
 
 }  // namespace
 
-at::Tensor hard_cluster_argmax_cpu(const at::Tensor& logits) {
+void hard_cluster_argmax_cpu(const at::Tensor& logits, at::Tensor& index) {
   const int64_t B = logits.size(0), K = logits.size(1), HW = logits.size(2);
-  at::Tensor index = at::empty({B, HW}, logits.options().dtype(at::kLong));
-  if (K == 0) {
-    return index.fill_(-1);
-  }
-  if (index.numel() == 0) {
-    return index;
-  }
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "hard_cluster_argmax_cpu", [&] {
     argmax_kernel<scalar_t>(
         logits.const_data_ptr<scalar_t>(), index.data_ptr<int64_t>(), B, K, HW);
   });
-  return index;
 }
 
-std::tuple<at::Tensor, at::Tensor> hard_cluster_reduce_cpu(
-    const at::Tensor& index, const at::Tensor& v, int64_t num_clusters, bool mean) {
-  const int64_t B = v.size(0), HW = v.size(1), Dv = v.size(2), K = num_clusters;
-  at::Tensor counts = at::zeros({B, K}, v.options().dtype(at::kLong));
-  at::Tensor update = at::zeros({B, K, Dv}, v.options());
-  if (B * HW == 0) {
-    return {update, counts};
-  }
+void hard_cluster_reduce_cpu(
+    const at::Tensor& index, const at::Tensor& v, bool mean, at::Tensor& update,
+    at::Tensor& counts) {
+  const int64_t B = v.size(0), HW = v.size(1), Dv = v.size(2), K = counts.size(1);
   count_kernel(index.const_data_ptr<int64_t>(), counts.data_ptr<int64_t>(), B, K, HW);
   if (update.numel() == 0) {
-    return {update, counts};
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "hard_cluster_reduce_cpu", [&] {
     reduce_kernel<scalar_t>(
@@ -198,17 +186,13 @@ std::tuple<at::Tensor, at::Tensor> hard_cluster_reduce_cpu(
         Dv,
         mean);
   });
-  return {update, counts};
 }
 
-at::Tensor hard_cluster_reduce_backward_cpu(
-    const at::Tensor& grad_update, const at::Tensor& index, const at::Tensor& counts, bool mean) {
+void hard_cluster_reduce_backward_cpu(
+    const at::Tensor& grad_update, const at::Tensor& index, const at::Tensor& counts, bool mean,
+    at::Tensor& grad_v) {
   const int64_t B = grad_update.size(0), K = grad_update.size(1), Dv = grad_update.size(2);
   const int64_t HW = index.size(1);
-  at::Tensor grad_v = at::empty({B, HW, Dv}, grad_update.options());
-  if (grad_v.numel() == 0) {
-    return grad_v;
-  }
   AT_DISPATCH_FLOATING_TYPES(grad_update.scalar_type(), "hard_cluster_reduce_backward_cpu", [&] {
     reduce_backward_kernel<scalar_t>(
         grad_update.const_data_ptr<scalar_t>(),
@@ -221,7 +205,6 @@ at::Tensor hard_cluster_reduce_backward_cpu(
         Dv,
         mean);
   });
-  return grad_v;
 }
 
 }  // namespace seg_methods

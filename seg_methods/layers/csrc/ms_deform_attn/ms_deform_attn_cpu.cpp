@@ -261,28 +261,33 @@ MSDA_ALWAYS_INLINE void backward_range(const Args<T>& A, int64_t begin, int64_t 
   }
 }
 
+// The range loops as types, so that one template compiles each of them per instruction set.
+struct ForwardRange {
+  template <typename T>
+  static MSDA_ALWAYS_INLINE void run(const Args<T>& A, int64_t begin, int64_t end) {
+    forward_range(A, begin, end);
+  }
+};
+struct BackwardRange {
+  template <typename T>
+  static MSDA_ALWAYS_INLINE void run(const Args<T>& A, int64_t begin, int64_t end) {
+    backward_range(A, begin, end);
+  }
+};
+
 // Baseline instruction set (SSE2 on x86-64, whatever the build targets elsewhere).
-template <typename T>
-void forward_range_default(const Args<T>& A, int64_t begin, int64_t end) {
-  forward_range(A, begin, end);
-}
-template <typename T>
-void backward_range_default(const Args<T>& A, int64_t begin, int64_t end) {
-  backward_range(A, begin, end);
+template <typename Range, typename T>
+void range_default(const Args<T>& A, int64_t begin, int64_t end) {
+  Range::run(A, begin, end);
 }
 
 #if MSDA_X86_MULTIVERSION
 // The same loops compiled for AVX2 + FMA (8 floats per instruction instead of 4), chosen at run
 // time when the CPU supports them, so the default build flags stay portable.
-template <typename T>
-__attribute__((target("avx2,fma"))) void forward_range_avx2(const Args<T>& A, int64_t begin,
-                                                            int64_t end) {
-  forward_range(A, begin, end);
-}
-template <typename T>
-__attribute__((target("avx2,fma"))) void backward_range_avx2(const Args<T>& A, int64_t begin,
-                                                             int64_t end) {
-  backward_range(A, begin, end);
+template <typename Range, typename T>
+__attribute__((target("avx2,fma"))) void range_avx2(const Args<T>& A, int64_t begin,
+                                                    int64_t end) {
+  Range::run(A, begin, end);
 }
 
 bool cpu_has_avx2_fma() {
@@ -294,40 +299,51 @@ bool cpu_has_avx2_fma() {
 }
 #endif
 
+// Range::run over the items [0, total) with at::parallel_for, in the AVX2 + FMA build when the
+// CPU has it.
+template <typename Range, typename T>
+void parallel_for_isa(const Args<T>& A, int64_t total, int64_t grain) {
+#if MSDA_X86_MULTIVERSION
+  const bool avx2 = cpu_has_avx2_fma();
+#endif
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+#if MSDA_X86_MULTIVERSION
+    if (avx2) {
+      range_avx2<Range>(A, begin, end);
+      return;
+    }
+#endif
+    range_default<Range>(A, begin, end);
+  });
+}
+
 template <typename T>
 void forward_kernel(const Args<T>& A) {
   const Sizes& z = A.z;
   const int64_t work_per_query = std::max<int64_t>(1, z.M * z.L * z.P * z.D);
   const int64_t grain = std::max<int64_t>(1, 32768 / work_per_query);
-#if MSDA_X86_MULTIVERSION
-  const bool avx2 = cpu_has_avx2_fma();
-#endif
-  at::parallel_for(0, z.N * z.Lq, grain, [&](int64_t begin, int64_t end) {
-#if MSDA_X86_MULTIVERSION
-    if (avx2) {
-      forward_range_avx2(A, begin, end);
-      return;
-    }
-#endif
-    forward_range_default(A, begin, end);
-  });
+  parallel_for_isa<ForwardRange>(A, z.N * z.Lq, grain);
 }
 
 template <typename T>
 void backward_kernel(const Args<T>& A) {
   // (n, head) tasks are coarse; parallelize whenever there are at least two.
-#if MSDA_X86_MULTIVERSION
-  const bool avx2 = cpu_has_avx2_fma();
-#endif
-  at::parallel_for(0, A.z.N * A.z.M, 1, [&](int64_t begin, int64_t end) {
-#if MSDA_X86_MULTIVERSION
-    if (avx2) {
-      backward_range_avx2(A, begin, end);
-      return;
-    }
-#endif
-    backward_range_default(A, begin, end);
-  });
+  parallel_for_isa<BackwardRange>(A, A.z.N * A.z.M, 1);
+}
+
+// Args with the inputs and sizes shared by the forward and the backward; outputs left null.
+template <typename T>
+Args<T> input_args(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                   const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                   const at::Tensor& attention_weights) {
+  Args<T> A{};
+  A.value = value.const_data_ptr<T>();
+  A.shapes = spatial_shapes.const_data_ptr<int64_t>();
+  A.starts = level_start_index.const_data_ptr<int64_t>();
+  A.loc = sampling_locations.const_data_ptr<T>();
+  A.attn = attention_weights.const_data_ptr<T>();
+  A.z = get_sizes(value, sampling_locations);
+  return A;
 }
 
 }  // namespace
@@ -342,14 +358,9 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
     return output;
   }
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    Args<scalar_t> A{};
-    A.value = value.const_data_ptr<scalar_t>();
-    A.shapes = spatial_shapes.const_data_ptr<int64_t>();
-    A.starts = level_start_index.const_data_ptr<int64_t>();
-    A.loc = sampling_locations.const_data_ptr<scalar_t>();
-    A.attn = attention_weights.const_data_ptr<scalar_t>();
+    Args<scalar_t> A = input_args<scalar_t>(value, spatial_shapes, level_start_index,
+                                            sampling_locations, attention_weights);
     A.out = output.mutable_data_ptr<scalar_t>();
-    A.z = z;
     forward_kernel(A);
   });
   return output;
@@ -369,17 +380,12 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const at::Tensor& value,
     return {grad_value, grad_loc, grad_attn};
   }
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    Args<scalar_t> A{};
-    A.value = value.const_data_ptr<scalar_t>();
-    A.shapes = spatial_shapes.const_data_ptr<int64_t>();
-    A.starts = level_start_index.const_data_ptr<int64_t>();
-    A.loc = sampling_locations.const_data_ptr<scalar_t>();
-    A.attn = attention_weights.const_data_ptr<scalar_t>();
+    Args<scalar_t> A = input_args<scalar_t>(value, spatial_shapes, level_start_index,
+                                            sampling_locations, attention_weights);
     A.grad_out = grad_output.const_data_ptr<scalar_t>();
     A.grad_value = grad_value.mutable_data_ptr<scalar_t>();
     A.grad_loc = grad_loc.mutable_data_ptr<scalar_t>();
     A.grad_attn = grad_attn.mutable_data_ptr<scalar_t>();
-    A.z = z;
     backward_kernel(A);
   });
   return {grad_value, grad_loc, grad_attn};

@@ -7,20 +7,16 @@
 //   the four dot products <grad_out, v_c> (for grad_attn and grad_loc, written without atomics
 //   since the thread owns its point) and scattering attn * weight_c * grad_out into grad_value with
 //   atomicAdd (several points may hit the same pixel).
-//
-// The stream comes from c10/cuda/CUDAStream.h rather than ATen/cuda/CUDAContext.h: the latter
-// includes cusparse.h, which the CUDA toolkit used for our compile check does not ship.
+// Both kernels use grid-stride loops; launches go through cuda_launch.cuh.
 #include <ATen/Dispatch.h>
 #include <ATen/TensorUtils.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/types.h>
 
 #include <ATen/cuda/Atomic.cuh>
-#include <algorithm>
 #include <vector>
 
+#include "cuda_launch.cuh"
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_utils.h"
 
@@ -31,14 +27,10 @@ namespace {
 using ms_deform_attn::bilinear_sample;
 using ms_deform_attn::BilinearSample;
 using ms_deform_attn::point_gradients;
-
-constexpr int kThreads = 256;
-
-inline int num_blocks(int64_t total) {
-  // Grid-stride loops cover any remainder beyond this cap.
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535));
-}
+using cuda_launch::grid_size;
+using cuda_launch::grid_stride_blocks;
+using cuda_launch::launch;
+using cuda_launch::thread_index;
 
 template <typename T>
 __global__ void ms_deform_attn_forward_kernel(const T* __restrict__ value,
@@ -50,8 +42,7 @@ __global__ void ms_deform_attn_forward_kernel(const T* __restrict__ value,
                                               int64_t S, int64_t M, int64_t D, int64_t Lq,
                                               int64_t L, int64_t P) {
   const int64_t row = M * D;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+  for (int64_t idx = thread_index(); idx < total; idx += grid_size()) {
     const int64_t d = idx % D;
     const int64_t nqm = idx / D;  // ((n * Lq + q) * M + m)
     const int64_t m = nqm % M;
@@ -91,8 +82,7 @@ __global__ void ms_deform_attn_backward_kernel(
     int64_t total,  // N * Lq * M * L * P
     int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) {
   const int64_t row = M * D;
-  for (int64_t pt = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pt < total;
-       pt += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+  for (int64_t pt = thread_index(); pt < total; pt += grid_size()) {
     const int64_t l = (pt / P) % L;
     const int64_t nqm = pt / (L * P);  // ((n * Lq + q) * M + m)
     const int64_t m = nqm % M;
@@ -155,15 +145,14 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   if (total == 0) {
     return output;
   }
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
-    ms_deform_attn_forward_kernel<scalar_t><<<num_blocks(total), kThreads, 0, stream>>>(
-        value.const_data_ptr<scalar_t>(), spatial_shapes.const_data_ptr<int64_t>(),
-        level_start_index.const_data_ptr<int64_t>(), sampling_locations.const_data_ptr<scalar_t>(),
-        attention_weights.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), total, S,
-        M, D, Lq, L, P);
+    launch(ms_deform_attn_forward_kernel<scalar_t>, grid_stride_blocks(total),
+           value.const_data_ptr<scalar_t>(), spatial_shapes.const_data_ptr<int64_t>(),
+           level_start_index.const_data_ptr<int64_t>(),
+           sampling_locations.const_data_ptr<scalar_t>(),
+           attention_weights.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), total,
+           S, M, D, Lq, L, P);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return output;
 }
 
@@ -189,16 +178,15 @@ std::vector<at::Tensor> ms_deform_attn_backward_cuda(const at::Tensor& value,
   if (total == 0) {
     return {grad_value, grad_loc, grad_attn};
   }
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-    ms_deform_attn_backward_kernel<scalar_t><<<num_blocks(total), kThreads, 0, stream>>>(
-        value.const_data_ptr<scalar_t>(), spatial_shapes.const_data_ptr<int64_t>(),
-        level_start_index.const_data_ptr<int64_t>(), sampling_locations.const_data_ptr<scalar_t>(),
-        attention_weights.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
-        grad_value.mutable_data_ptr<scalar_t>(), grad_loc.mutable_data_ptr<scalar_t>(),
-        grad_attn.mutable_data_ptr<scalar_t>(), total, S, M, D, Lq, L, P);
+    launch(ms_deform_attn_backward_kernel<scalar_t>, grid_stride_blocks(total),
+           value.const_data_ptr<scalar_t>(), spatial_shapes.const_data_ptr<int64_t>(),
+           level_start_index.const_data_ptr<int64_t>(),
+           sampling_locations.const_data_ptr<scalar_t>(),
+           attention_weights.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+           grad_value.mutable_data_ptr<scalar_t>(), grad_loc.mutable_data_ptr<scalar_t>(),
+           grad_attn.mutable_data_ptr<scalar_t>(), total, S, M, D, Lq, L, P);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_value, grad_loc, grad_attn};
 }
 

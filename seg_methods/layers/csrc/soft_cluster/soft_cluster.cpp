@@ -89,6 +89,15 @@ void check_inputs(
   }
 }
 
+// The contiguous version of an optional tensor (nullopt stays nullopt).
+std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
+  std::optional<at::Tensor> out;
+  if (t.has_value()) {
+    out = t->contiguous();
+  }
+  return out;
+}
+
 // Logits of one tile into `out` (B, K, t): q_scaled k_t^T (+ bias_t).
 void tile_logits(
     at::Tensor& out,
@@ -166,10 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_cluster_forward(
   const at::Tensor q = q_in.contiguous();
   const at::Tensor k = k_in.contiguous();
   const at::Tensor v = v_in.contiguous();
-  std::optional<at::Tensor> bias;
-  if (bias_in.has_value()) {
-    bias = bias_in->contiguous();
-  }
+  const std::optional<at::Tensor> bias = contiguous_or_none(bias_in);
   const int64_t B = q.size(0), K = q.size(1), HW = k.size(1), Dv = v.size(2);
   const auto opts = q.options();
 
@@ -263,10 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_cluster_backward
   const at::Tensor k = k_in.contiguous();
   const at::Tensor v = v_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  std::optional<at::Tensor> bias;
-  if (bias_in.has_value()) {
-    bias = bias_in->contiguous();
-  }
+  const std::optional<at::Tensor> bias = contiguous_or_none(bias_in);
 
   const bool need_q = output_mask[0], need_k = output_mask[1], need_v = output_mask[2];
   const bool need_bias = output_mask[3] && bias.has_value();

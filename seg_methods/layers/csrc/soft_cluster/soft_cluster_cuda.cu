@@ -1,15 +1,13 @@
 // CUDA kernels of the per-pixel softmax over the cluster axis on one (B, K, T) tile (see
 // soft_cluster.h). One thread handles one pixel and loops over the K clusters; consecutive threads
 // read consecutive pixels of a cluster row, so the accesses are coalesced. The math is
-// soft_cluster_utils.h, shared with the CPU kernels. The stream comes from c10/cuda/CUDAStream.h:
-// ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers that a bare toolkit may lack.
+// soft_cluster_utils.h, shared with the CPU kernels; launches go through cuda_launch.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/TensorUtils.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
+#include "cuda_launch.cuh"
 #include "soft_cluster.h"
 #include "soft_cluster_utils.h"
 
@@ -18,23 +16,23 @@ namespace seg_methods {
 namespace {
 
 using namespace soft_cluster;
+using cuda_launch::blocks_for;
+using cuda_launch::launch;
+using cuda_launch::thread_index;
 
-constexpr int kThreads = 256;
-
-inline unsigned int num_blocks(int64_t n) {
-  return static_cast<unsigned int>((n + kThreads - 1) / kThreads);
+// Offset of element (b, 0, t) in a (B, K, T) tile, for the pixel idx = b * T + t.
+__device__ __forceinline__ int64_t pixel_offset(int64_t idx, int64_t K, int64_t T) {
+  return (idx / T) * K * T + idx % T;
 }
 
 template <typename scalar_t>
 __global__ void tile_softmax_kernel(
     scalar_t* __restrict__ tile, scalar_t* __restrict__ lse, int64_t B, int64_t K, int64_t T) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t idx = thread_index();
   if (idx >= B * T) {
     return;
   }
-  const int64_t b = idx / T;
-  const int64_t t = idx % T;
-  scalar_t* base = tile + b * K * T + t;
+  scalar_t* base = tile + pixel_offset(idx, K, T);
   scalar_t run_max = lowest_value<scalar_t>();
   for (int64_t kk = 0; kk < K; ++kk) {
     run_max = max_update(run_max, base[kk * T]);
@@ -59,13 +57,11 @@ __global__ void tile_recompute_kernel(
     int64_t B,
     int64_t K,
     int64_t T) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t idx = thread_index();
   if (idx >= B * T) {
     return;
   }
-  const int64_t b = idx / T;
-  const int64_t t = idx % T;
-  scalar_t* base = tile + b * K * T + t;
+  scalar_t* base = tile + pixel_offset(idx, K, T);
   const scalar_t pixel_lse = lse[idx];
   for (int64_t kk = 0; kk < K; ++kk) {
     base[kk * T] = prob_from_lse(base[kk * T], pixel_lse);
@@ -80,13 +76,11 @@ __global__ void tile_softmax_backward_kernel(
     int64_t B,
     int64_t K,
     int64_t T) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t idx = thread_index();
   if (idx >= B * T) {
     return;
   }
-  const int64_t b = idx / T;
-  const int64_t t = idx % T;
-  const int64_t offset = b * K * T + t;
+  const int64_t offset = pixel_offset(idx, K, T);
   scalar_t dot = scalar_t(0);
   for (int64_t kk = 0; kk < K; ++kk) {
     dot += prob[offset + kk * T] * grad[offset + kk * T];
@@ -110,12 +104,10 @@ void soft_cluster_tile_softmax_cuda(at::Tensor& tile, at::Tensor& lse) {
   if (B * T == 0) {
     return;
   }
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "soft_cluster_tile_softmax_cuda", [&] {
-    tile_softmax_kernel<scalar_t><<<num_blocks(B * T), kThreads, 0, stream>>>(
-        tile.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B, K, T);
+    launch(tile_softmax_kernel<scalar_t>, blocks_for(B * T), tile.data_ptr<scalar_t>(),
+           lse.data_ptr<scalar_t>(), B, K, T);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void soft_cluster_tile_recompute_cuda(at::Tensor& tile, const at::Tensor& lse) {
@@ -125,12 +117,10 @@ void soft_cluster_tile_recompute_cuda(at::Tensor& tile, const at::Tensor& lse) {
   if (tile.numel() == 0) {
     return;
   }
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "soft_cluster_tile_recompute_cuda", [&] {
-    tile_recompute_kernel<scalar_t><<<num_blocks(B * T), kThreads, 0, stream>>>(
-        tile.data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(), B, K, T);
+    launch(tile_recompute_kernel<scalar_t>, blocks_for(B * T), tile.data_ptr<scalar_t>(),
+           lse.const_data_ptr<scalar_t>(), B, K, T);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void soft_cluster_tile_softmax_backward_cuda(
@@ -146,17 +136,11 @@ void soft_cluster_tile_softmax_backward_cuda(
   if (prob.numel() == 0) {
     return;
   }
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(prob.scalar_type(), "soft_cluster_tile_softmax_backward_cuda", [&] {
-    tile_softmax_backward_kernel<scalar_t><<<num_blocks(B * T), kThreads, 0, stream>>>(
-        prob.const_data_ptr<scalar_t>(),
-        grad.data_ptr<scalar_t>(),
-        extra.has_value() ? extra->const_data_ptr<scalar_t>() : nullptr,
-        B,
-        K,
-        T);
+    launch(tile_softmax_backward_kernel<scalar_t>, blocks_for(B * T),
+           prob.const_data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+           extra.has_value() ? extra->const_data_ptr<scalar_t>() : nullptr, B, K, T);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace seg_methods

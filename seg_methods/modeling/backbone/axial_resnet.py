@@ -1,0 +1,245 @@
+"""Axial-ResNet backbone (Axial-DeepLab, Wang et al. ECCV 2020) as used by CMT-DeepLab.
+
+CMT-DeepLab Sec. 3.4 removes the transformer blocks of MaX-DeepLab-S, which "reverts the backbone
+back to Axial-ResNet-50" with blocks [3, 4, 6, 3] (stages 2-5), and scales stage-4 to 24 blocks
+for Axial-ResNet-104; activations are GeLU. Stages whose output stride is at least
+``axial_beyond_stride`` are made of :class:`seg_methods.layers.AxialBlock` (the bottleneck with its
+3x3 convolution replaced by height and width axial attention); earlier stages use conv
+bottlenecks. The stem (three 3x3 convolutions, the first with stride 2, then 3x3 max-pooling) is
+our choice in the style of the Inception stem of MaX-DeepLab.
+
+The backbone optionally takes an extra stride-4 input added after the stem: the connection of the
+Recursive Feature Network (CMT-DeepLab Sec. 3.4).
+
+Shape shorthand:
+    N: batch size, H, W: input size; res<k> has stride 2^k
+"""
+
+from typing import Dict, List, Optional, Sequence
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import StochasticDepth
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+
+from ...layers.axial import AxialBlock, get_activation_module
+
+__all__ = ["AxialResNet", "ConvBottleneck", "AXIAL_RESNET_DEPTHS"]
+
+# blocks per stage (res2, res3, res4, res5)
+AXIAL_RESNET_DEPTHS = {50: (3, 4, 6, 3), 104: (3, 4, 24, 3)}
+
+
+class ConvBottleneck(nn.Module):
+    """ResNet bottleneck (1x1, 3x3 with stride, 1x1) with a configurable activation and drop-path.
+
+    Same layout as :class:`AxialBlock` with a 3x3 convolution in place of the axial attention.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        stride: int = 1,
+        norm: str = "BN",
+        activation: str = "gelu",
+        drop_path: float = 0.0,
+    ):
+        """
+        Args:
+            in_channels (int): C_in.
+            out_channels (int): C_out; the bottleneck width is C_out // 4.
+            stride (int): stride of the 3x3 convolution.
+            norm (str): detectron2 norm name.
+            activation (str): "gelu" or "relu".
+            drop_path (float): stochastic-depth probability of the residual branch.
+        """
+        super().__init__()
+        width = out_channels // 4
+        self.conv1 = Conv2d(in_channels, width, 1, bias=not norm, norm=get_norm(norm, width))
+        self.conv2 = Conv2d(
+            width, width, 3, stride=stride, padding=1, bias=not norm, norm=get_norm(norm, width)
+        )
+        self.conv3 = Conv2d(
+            width, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels)
+        )
+        if in_channels != out_channels or stride != 1:
+            self.shortcut = Conv2d(
+                in_channels,
+                out_channels,
+                1,
+                stride=stride,
+                bias=not norm,
+                norm=get_norm(norm, out_channels),
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.act1 = get_activation_module(activation)
+        self.act2 = get_activation_module(activation)
+        self.act3 = get_activation_module(activation)
+        self.drop_path = StochasticDepth(drop_path, mode="row")
+        if self.conv3.norm is not None:
+            nn.init.zeros_(self.conv3.norm.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C_in, H, W) -> (N, C_out, ceil(H / stride), ceil(W / stride))."""
+        y = self.act1(self.conv1(x))
+        y = self.act2(self.conv2(y))
+        y = self.drop_path(self.conv3(y))
+        return self.act3(y + self.shortcut(x))
+
+
+@BACKBONE_REGISTRY.register()
+class AxialResNet(Backbone):
+    """Axial-ResNet-50 / -104 (configured by ``cfg.MODEL.CMT_DEEPLAB.AXIAL_RESNET``)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        depth: int = 50,
+        in_channels: int = 3,
+        stem_channels: int = 128,
+        axial_beyond_stride: int = 16,
+        num_heads: int = 8,
+        axial_bottleneck_ratio: int = 2,
+        span: int = 129,
+        norm: str = "BN",
+        activation: str = "gelu",
+        drop_path_rate: float = 0.2,
+        out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
+        widths: Sequence[int] = (256, 512, 1024, 2048),
+    ):
+        """
+        Args:
+            depth (int): 50 or 104 (see :data:`AXIAL_RESNET_DEPTHS`).
+            in_channels (int): input image channels.
+            stem_channels (int): output channels of the stride-4 stem.
+            axial_beyond_stride (int): stages with output stride >= this use axial blocks.
+            num_heads (int): heads of every axial attention.
+            axial_bottleneck_ratio (int): attention width of an axial block = its output
+                channels // this.
+            span (int): axial attention span.
+            norm (str): "BN", "SyncBN" (or "" for none).
+            activation (str): "gelu" or "relu".
+            drop_path_rate (float): stochastic depth of the last block; it grows linearly from 0
+                over all blocks.
+            out_features (sequence[str]): subset of res2..res5 to return.
+            widths (sequence[int]): output channels of res2..res5.
+        """
+        super().__init__()
+        if depth not in AXIAL_RESNET_DEPTHS:
+            raise ValueError(f"Axial-ResNet depth must be one of {sorted(AXIAL_RESNET_DEPTHS)}")
+        half = stem_channels // 2
+        self.stem = nn.Sequential(
+            Conv2d(in_channels, half, 3, 2, 1, bias=not norm, norm=get_norm(norm, half)),
+            get_activation_module(activation),
+            Conv2d(half, half, 3, 1, 1, bias=not norm, norm=get_norm(norm, half)),
+            get_activation_module(activation),
+            Conv2d(half, stem_channels, 3, 1, 1, bias=not norm, norm=get_norm(norm, stem_channels)),
+            get_activation_module(activation),
+            nn.MaxPool2d(3, 2, 1),
+        )
+        blocks_per_stage = AXIAL_RESNET_DEPTHS[depth]
+        total = sum(blocks_per_stage)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        self.stage_names: List[str] = []
+        self._out_feature_channels: Dict[str, int] = {}
+        self._out_feature_strides: Dict[str, int] = {}
+        channels, k = stem_channels, 0
+        for s, (num_blocks, width) in enumerate(zip(blocks_per_stage, widths)):
+            name, stride = f"res{s + 2}", 2 ** (s + 2)
+            blocks = []
+            for i in range(num_blocks):
+                block_stride = 2 if (i == 0 and s > 0) else 1
+                if stride >= axial_beyond_stride:
+                    block = AxialBlock(
+                        channels,
+                        width,
+                        bottleneck_channels=width // axial_bottleneck_ratio,
+                        num_heads=num_heads,
+                        span=span,
+                        stride=block_stride,
+                        norm=norm,
+                        activation=activation,
+                        drop_path=rates[k],
+                    )
+                else:
+                    block = ConvBottleneck(
+                        channels,
+                        width,
+                        stride=block_stride,
+                        norm=norm,
+                        activation=activation,
+                        drop_path=rates[k],
+                    )
+                blocks.append(block)
+                channels, k = width, k + 1
+            self.add_module(name, nn.Sequential(*blocks))
+            self.stage_names.append(name)
+            self._out_feature_channels[name] = width
+            self._out_feature_strides[name] = stride
+        self.stem_channels = stem_channels
+        self._out_features = list(out_features)
+        unknown = set(self._out_features) - set(self.stage_names)
+        if unknown:
+            raise ValueError(f"unknown out_features {sorted(unknown)}")
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
+        b = cfg.MODEL.CMT_DEEPLAB.AXIAL_RESNET
+        return {
+            "depth": b.DEPTH,
+            "in_channels": input_shape.channels if input_shape is not None else 3,
+            "stem_channels": b.STEM_CHANNELS,
+            "axial_beyond_stride": b.AXIAL_BEYOND_STRIDE,
+            "num_heads": b.NUM_HEADS,
+            "axial_bottleneck_ratio": b.AXIAL_BOTTLENECK_RATIO,
+            "span": b.SPAN,
+            "norm": b.NORM,
+            "activation": b.ACTIVATION,
+            "drop_path_rate": b.DROP_PATH_RATE,
+            "out_features": b.OUT_FEATURES,
+            "widths": b.WIDTHS,
+        }
+
+    @property
+    def size_divisibility(self) -> int:
+        return 32
+
+    def forward(self, x: Tensor, stride4_extra: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """
+        Args:
+            x (Tensor): (N, C_in, H, W) images.
+            stride4_extra (Tensor or None): (N, stem_channels, ceil(H/4), ceil(W/4)) features
+                added to the stem output (RFN connection).
+
+        Returns:
+            dict[str, Tensor]: "res<k>": (N, C_k, H / 2^k, W / 2^k) for the requested features.
+        """
+        y = self.stem(x)
+        if stride4_extra is not None:
+            y = y + F.interpolate(stride4_extra, size=y.shape[-2:], mode="bilinear")
+        outputs = {}
+        for name in self.stage_names:
+            y = getattr(self, name)(y)
+            if name in self._out_features:
+                outputs[name] = y
+        return outputs
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            name: ShapeSpec(
+                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
+            )
+            for name in self._out_features
+        }
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of ``module`` (helper for tests and READMEs)."""
+    return sum(p.numel() for p in module.parameters())
