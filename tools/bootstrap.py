@@ -84,6 +84,10 @@ def file_hash(paths):
     return h.hexdigest()
 
 
+def venv_dir(py):
+    return os.path.dirname(os.path.dirname(py))
+
+
 def venv_python(venv):
     return os.path.join(venv, "bin", "python")
 
@@ -217,14 +221,22 @@ def ensure_extension(py, state):
     t = time.time()
     env = dict(os.environ)
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
-    run(
-        [
-            py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-            "--no-build-isolation", "-e", ROOT,
-        ],
-        env=env,
-        cwd=ROOT,
-    )
+    cmd = [
+        py, "-m", "pip", "install", "-v", "--disable-pip-version-check", "--no-deps", "--use-pep517",
+        "--no-build-isolation", "-e", ROOT,
+    ]
+    log("$ " + " ".join(cmd))
+    log_path = os.path.join(venv_dir(py), "seg_methods_build.log")
+    with open(log_path, "w") as f:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            lines = f.readlines()
+        errors = [ln for ln in lines if "error" in ln.lower()][:40]
+        sys.stderr.write("".join(errors) + "".join(lines[-60:]))
+        raise SystemExit(
+            f"[bootstrap] building seg_methods._C failed (exit {proc.returncode}); full log: {log_path}"
+        )
     state["extension"] = digest
     ok, info = py_ok(
         py,

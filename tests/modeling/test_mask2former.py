@@ -24,7 +24,7 @@ from seg_methods.modeling.transformer_decoder.mask2former_decoder import (
     masked_attention_mask,
 )
 
-SYNTHETIC_CONFIG = "configs/synthetic/panoptic-segmentation/mask2former/mask2former_R18_bs8_1k.yaml"
+SYNTHETIC_CONFIG = "configs/synthetic/panoptic-segmentation/mask2former/mask2former_R18_bs8_600it.yaml"
 
 
 # --------------------------------------------------------------------------- attention mask

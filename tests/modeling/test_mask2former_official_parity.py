@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OFFICIAL_ROOT = "/tmp/swinhelper/dl/maskformer2-0.1"
-CONFIG = REPO / "configs/synthetic/panoptic-segmentation/mask2former/mask2former_R18_bs8_1k.yaml"
+CONFIG = REPO / "configs/synthetic/panoptic-segmentation/mask2former/mask2former_R18_bs8_600it.yaml"
 TINY_OPTS = [
     "MODEL.MASK2FORMER.HIDDEN_DIM", "32",
     "MODEL.MASK2FORMER.CONVS_DIM", "32",
