@@ -2,7 +2,7 @@
 """The main job of ``make demo``: train and evaluate the default Mask2Former on the embedded
 dataset, on the CPU, and say where the results are.
 
-Steps: generate the synthetic dataset if absent (about a minute), train
+Steps: generate the synthetic dataset if absent (about 30 s), train
 ``configs/synthetic/panoptic-segmentation/mask2former/mask2former_R18_bs8_600it.yaml`` with
 ``train_net.py``'s code path, evaluate on ``synthetic_panoptic_val`` (PQ, mIoU, mask AP), write
 ``metrics.json``, TensorBoard events, checkpoints and pictures of validation images.
@@ -38,7 +38,8 @@ def print_summary(output_dir, seconds):
     with open(os.path.join(output_dir, "metrics.json")) as f:
         metrics = json.load(f)
     print("\n" + "=" * 72)
-    print(f"Mask2Former on synthetic_panoptic_val, trained on the CPU in {seconds / 60:.1f} min")
+    minutes = seconds / 60
+    print(f"Mask2Former on synthetic_panoptic_val: trained + evaluated on the CPU in {minutes:.1f} min")
     for task, keys in HEADLINE.items():
         if task in metrics:
             vals = "  ".join(
