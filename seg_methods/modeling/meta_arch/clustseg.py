@@ -27,7 +27,7 @@ from torch import nn
 from ..build import build_pixel_decoder, build_transformer_decoder
 from ..criterion import build_set_criterion
 from ..criterion.superpixel import superpixel_losses
-from ..postprocessing import mask_cls_inference_kwargs, mask_cls_postprocess
+from ..postprocessing import mask_cls_postprocess
 from ..postprocessing import output_sizes_from_inputs
 from ..postprocessing.superpixel import superpixel_inference
 from ..transformer_decoder.clustseg_layers import check_num_superpixels
@@ -114,13 +114,7 @@ class ClustSeg(MaskClassificationModel):
                 f"SUPERPIXEL.TRAIN_NUM_RANGE must be [min, max], got " f"{sp.TRAIN_NUM_RANGE}"
             )
         return {
-            "backbone": backbone,
-            "sem_seg_head": head,
-            "criterion": criterion,
-            "size_divisibility": m.SIZE_DIVISIBILITY,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "postprocess_kwargs": mask_cls_inference_kwargs(cfg),
+            **cls.base_kwargs(cfg, backbone, head, criterion, m.SIZE_DIVISIBILITY),
             "task": m.TASK,
             "superpixel_train_range": list(sp.TRAIN_NUM_RANGE),
             "superpixel_test_num": sp.TEST_NUM,

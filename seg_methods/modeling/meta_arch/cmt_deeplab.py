@@ -30,7 +30,6 @@ from torch.nn import functional as F
 from ..criterion.cmt_deeplab import CMTDeepLabCriterion
 from ..postprocessing import (
     instance_inference,
-    mask_cls_inference_kwargs,
     mask_wise_merge,
     output_sizes_from_inputs,
     per_pixel_merge,
@@ -137,13 +136,7 @@ class CMTDeepLab(MaskClassificationModel):
             num_aux_outputs=num_layers,
         )
         return {
-            "backbone": backbone,
-            "sem_seg_head": head,
-            "criterion": criterion,
-            "size_divisibility": m.SIZE_DIVISIBILITY,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "postprocess_kwargs": mask_cls_inference_kwargs(cfg),
+            **cls.base_kwargs(cfg, backbone, head, criterion, m.SIZE_DIVISIBILITY),
             "rfn_backbone": rfn_backbone,
             "rfn_head": rfn_head,
             "panoptic_merge": m.PANOPTIC_MERGE,

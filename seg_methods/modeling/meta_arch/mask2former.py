@@ -17,7 +17,6 @@ from torch import nn
 
 from ..build import build_pixel_decoder, build_transformer_decoder
 from ..criterion import build_set_criterion
-from ..postprocessing import mask_cls_inference_kwargs
 from .mask_classification import MaskClassificationModel
 
 
@@ -57,12 +56,5 @@ class Mask2Former(MaskClassificationModel):
         num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         # auxiliary outputs: the learnable-query prediction and layers 1..DEC_LAYERS-1
         criterion = build_set_criterion(cfg, num_classes, cfg.MODEL.MASK2FORMER.DEC_LAYERS)
-        return {
-            "backbone": backbone,
-            "sem_seg_head": head,
-            "criterion": criterion,
-            "size_divisibility": cfg.MODEL.MASK2FORMER.SIZE_DIVISIBILITY,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "postprocess_kwargs": mask_cls_inference_kwargs(cfg),
-        }
+        size_divisibility = cfg.MODEL.MASK2FORMER.SIZE_DIVISIBILITY
+        return cls.base_kwargs(cfg, backbone, head, criterion, size_divisibility)

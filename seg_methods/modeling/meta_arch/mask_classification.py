@@ -16,7 +16,11 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.structures import ImageList
 from torch import nn
 
-from ..postprocessing import mask_cls_postprocess, output_sizes_from_inputs
+from ..postprocessing import (
+    mask_cls_inference_kwargs,
+    mask_cls_postprocess,
+    output_sizes_from_inputs,
+)
 
 
 
@@ -55,6 +59,19 @@ class MaskClassificationModel(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.postprocess_kwargs = dict(postprocess_kwargs)
+
+    @staticmethod
+    def base_kwargs(cfg, backbone, sem_seg_head, criterion, size_divisibility: int) -> Dict:
+        """The constructor arguments every subclass's ``from_config`` shares."""
+        return {
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "criterion": criterion,
+            "size_divisibility": size_divisibility,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "postprocess_kwargs": mask_cls_inference_kwargs(cfg),
+        }
 
     @property
     def device(self):
