@@ -17,8 +17,8 @@ Variants (``--variants``, default all):
                          ("without any recursive process"), recurrent uses T = 3
 
 Results go to ``OUTPUT/ablation.json`` and a markdown table on stdout (mean and both seeds of PQ,
-PQ_th, PQ_st, training it/s and inference img/s, plus speed ratios to the recurrent variant, next
-to Table 4c's hours/epoch and fps ratios).
+PQ_th, PQ_st, mIoU, mask AP, training it/s and inference img/s, plus speed ratios to the
+recurrent variant, next to Table 4c's hours/epoch and fps ratios).
 
 Variants whose overrides are identical (``t3``, ``dreamy`` and ``recurrent`` are all the default
 model: recurrent cross-attention, T = 3, dreamy-start) share one run, so the full ablation is
@@ -31,9 +31,9 @@ every variant.
 
 Example (the run reported in projects/ClustSeg/README.md)::
 
-    python tools/clustseg_ablation.py --iters 700 --seeds 0 1 --jobs 2 --threads 1 \
+    python tools/clustseg_ablation.py --iters 900 --seeds 0 1 --jobs 2 --threads 1 \
         --output output/clustseg_ablation SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 1e-3 \
-        MODEL.MASK_CLS.OBJECT_MASK_THRESHOLD 0.4
+        MODEL.MASK_CLS.OBJECT_MASK_THRESHOLD 0.4 TEST.EVAL_PERIOD 450
 """
 
 import argparse
@@ -72,7 +72,7 @@ def run_key(variant: str) -> Tuple[str, ...]:
     return tuple(VARIANTS[variant])
 
 
-def run_name(variant: str, args) -> str:
+def run_name(variant: str) -> str:
     """Directory name of a variant's run: the first variant (in VARIANTS order) with its key."""
     key = run_key(variant)
     return next(v for v in VARIANTS if run_key(v) == key)
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="OMP threads per job (0: inherit)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra config overrides")
     args = p.parse_args(argv)
-    names = sorted({run_name(v, args) for v in args.variants}, key=list(VARIANTS).index)
+    names = sorted({run_name(v) for v in args.variants}, key=list(VARIANTS).index)
     # seed by seed; within a seed the slow T = 3 runs first, so parallel jobs end together
     slow = [n for n in names if "NUM_ITERATIONS" not in " ".join(VARIANTS[n])]
     todo = [(n, s) for s in args.seeds for n in slow + [n for n in names if n not in slow]]
@@ -181,15 +181,15 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for f in [pool.submit(train, n, s, args) for n, s in todo]:
             f.result()
-    results = {v: {s: read(run_name(v, args), s, args) for s in args.seeds} for v in args.variants}
+    results = {v: {s: read(run_name(v), s, args) for s in args.seeds} for v in args.variants}
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "ablation.json"), "w") as f:
         json.dump({"iters": args.iters, "config": args.config, "results": results}, f, indent=2)
 
     keys = ["PQ", "PQ_th", "PQ_st", "mIoU", "AP", "train_it_per_s", "infer_img_per_s"]
     print(f"\n{args.iters} iterations, seeds {args.seeds}, {args.config} {' '.join(args.opts)}\n")
-    print("shared runs: " + ", ".join(f"{v} = {run_name(v, args)}" for v in args.variants
-                                      if run_name(v, args) != v) + "\n")
+    print("shared runs: " + ", ".join(f"{v} = {run_name(v)}" for v in args.variants
+                                      if run_name(v) != v) + "\n")
     print("| variant | " + " | ".join(keys) + " | train / recurrent | infer / recurrent |")
     print("|---" * (len(keys) + 3) + "|")
     means = {}

@@ -52,7 +52,7 @@ def _fake_run(folder, pq, secs_per_iter, secs_per_image):
 
 
 def test_identical_variants_share_one_run(ablation):
-    names = {v: ablation.run_name(v, None) for v in ablation.VARIANTS}
+    names = {v: ablation.run_name(v) for v in ablation.VARIANTS}
     assert names["dreamy"] == names["recurrent"] == names["t3"]
     assert len(set(names.values())) == 5  # t1, t3/dreamy/recurrent, free, vanilla, kmeans
     assert names["vanilla"] != names["t1"]  # same T, different cross-attention
