@@ -2,11 +2,22 @@
 """Run a seg_methods model on images and save drawings of its predictions.
 
     python demo/demo.py --config-file CONFIG --input IMG_OR_DIR_OR_GLOB [...] --output DIR \
-        [--confidence 0.5] [MODEL.WEIGHTS path/to/model.pth ...]
+        [--confidence 0.5] [--random-weights] [MODEL.WEIGHTS path/to/model.pth ...]
 
 For each image the panoptic prediction is drawn if the model outputs one, else the instances
 (score >= --confidence), else the semantic segmentation, with the class names of
 ``cfg.DATASETS.TEST[0]``. Runs on the CPU when CUDA is unavailable.
+
+Weights: ``MODEL.WEIGHTS`` is required (a path that does not exist is an error); drawing the
+predictions of random weights needs ``--random-weights``.
+
+Output names: each drawing is a PNG named after the input's path relative to the deepest folder
+common to all inputs, keeping the input's extension (``a.jpg`` -> ``a.jpg.png``; a ``.png`` input
+keeps its name), so that ``a.jpg`` and ``a.png``, or ``x/a.png`` and ``y/a.png``, never overwrite
+each other; sub-folders are mirrored under ``--output``.
+
+Unreadable images (not an image, truncated, missing) are reported by name and skipped; the run
+goes on and prints the number of failures at the end. The exit code is 1 if any image failed.
 """
 
 import argparse
@@ -14,6 +25,7 @@ import glob
 import os
 import sys
 import time
+from typing import List, NamedTuple, Tuple
 
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
@@ -29,6 +41,22 @@ from seg_methods.engine.visualization import available_prediction_kinds  # noqa:
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
+# What reading a bad image file raises: PIL's UnidentifiedImageError and truncated files
+# (OSError), decoder errors (ValueError), broken PNG chunks (SyntaxError).
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError)
+
+
+class DemoResult(NamedTuple):
+    """What :func:`main` did.
+
+    Attributes:
+        written (list[str]): drawings written, in input order.
+        failed (list[tuple[str, str]]): (input path, reason) of each image that was skipped.
+    """
+
+    written: List[str]
+    failed: List[Tuple[str, str]]
+
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
@@ -39,6 +67,12 @@ def get_parser():
     parser.add_argument("--output", required=True, help="folder for the drawings")
     parser.add_argument(
         "--confidence", type=float, default=0.5, help="minimum score of drawn instances"
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="draw the predictions of randomly initialised weights when MODEL.WEIGHTS is empty "
+        "(refused otherwise)",
     )
     parser.add_argument(
         "--opts",
@@ -54,7 +88,8 @@ def get_parser():
 
 
 def expand_inputs(inputs):
-    """Files, folders (their images, sorted) and glob patterns -> list of image paths."""
+    """Files, folders (their images, sorted) and glob patterns -> list of image paths (each
+    once, in the order given)."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
@@ -68,7 +103,37 @@ def expand_inputs(inputs):
             raise FileNotFoundError(f"--input '{item}' is not a file, folder or matching glob")
     if not paths:
         raise FileNotFoundError(f"no image found in --input {inputs}")
-    return paths
+    seen, unique = set(), []
+    for p in paths:
+        key = os.path.realpath(p)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def output_paths(paths: List[str], output_dir: str) -> List[str]:
+    """The drawing of each input (see the module docstring for the naming rule).
+
+    Args:
+        paths (list[str]): input images.
+        output_dir (str): the ``--output`` folder.
+
+    Returns:
+        list[str]: one PNG path per input, all different.
+    """
+    folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    root = os.path.commonpath(folders)
+    outs = []
+    for p in paths:
+        rel = os.path.relpath(os.path.abspath(p), root)
+        if not rel.lower().endswith(".png"):
+            rel += ".png"
+        outs.append(os.path.join(output_dir, rel))
+    clashes = {o for o in outs if outs.count(o) > 1}
+    if clashes:  # only possible with inputs such as "a.jpg" next to "a.jpg.png"
+        raise ValueError(f"several inputs would be drawn to the same file(s): {sorted(clashes)}")
+    return outs
 
 
 def setup_cfg(args):
@@ -83,16 +148,27 @@ def setup_cfg(args):
     return cfg
 
 
-def main(argv=None):
+def main(argv=None) -> DemoResult:
+    """Draw the predictions of every input image; see the module docstring.
+
+    Returns:
+        DemoResult: the drawings written and the images skipped (with the reason).
+    """
     args = get_parser().parse_args(argv)
     cfg = setup_cfg(args)
     paths = expand_inputs(args.input)
-    predictor = build_predictor(cfg)
+    outs = output_paths(paths, args.output)
+    predictor = build_predictor(cfg, allow_random_weights=args.random_weights)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
-    os.makedirs(args.output, exist_ok=True)
-    written = []
-    for path in paths:
-        image_bgr = read_image(path, format="BGR")
+    written, failed = [], []
+    for path, out_path in zip(paths, outs):
+        try:
+            image_bgr = read_image(path, format="BGR")
+        except UNREADABLE_IMAGE_ERRORS as e:
+            reason = f"{type(e).__name__}: {e}"
+            failed.append((path, reason))
+            print(f"{path}: SKIPPED, cannot read the image ({reason})", file=sys.stderr)
+            continue
         start = time.perf_counter()
         outputs = predictor(image_bgr)
         elapsed = time.perf_counter() - start
@@ -100,15 +176,26 @@ def main(argv=None):
         drawing = draw_prediction(
             image_bgr[:, :, ::-1], outputs, metadata, instance_score_threshold=args.confidence
         )
-        out_path = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
         Image.fromarray(drawing).save(out_path)
         written.append(out_path)
         print(f"{path}: {elapsed:.3f} s, outputs {kinds}, drew {kinds[0]} -> {out_path}")
     print(f"Wrote {len(written)} drawings to {args.output}")
-    return written
+    if failed:
+        print(
+            f"{len(failed)} of {len(paths)} image(s) could not be read and were skipped: "
+            + ", ".join(p for p, _ in failed),
+            file=sys.stderr,
+        )
+    return DemoResult(written, failed)
+
+
+def cli(argv=None) -> int:
+    """Command-line entry: :func:`main`, then the exit code (1 if an image was skipped)."""
+    return 1 if main(argv).failed else 0
 
 
 if __name__ == "__main__":
     setup_logger(name="seg_methods")
     setup_logger()
-    main()
+    sys.exit(cli())

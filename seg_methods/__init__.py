@@ -12,4 +12,11 @@ from . import config  # noqa: F401,E402
 from . import data  # noqa: F401,E402  registers datasets and dataset mappers
 from . import modeling  # noqa: F401,E402  registers backbones, heads, meta-architectures
 
+# Weights files are never unpickled with plain pickle / torch.load(weights_only=False) once
+# seg_methods is imported: detectron2's DetectionCheckpointer (DefaultPredictor, DefaultTrainer,
+# model_zoo) and fvcore's Checkpointer read through seg_methods.utils.checkpoint's safe readers.
+from .utils.checkpoint import install_safe_loaders  # noqa: E402
+
+install_safe_loaders()
+
 __version__ = "0.1.0"

@@ -7,12 +7,21 @@ The main tests are parametrised over the YAML files found under ``configs/`` (re
   ``configs/`` and acyclic; merge into :func:`seg_methods.config.get_cfg` with
   ``allow_unsafe=False``; datasets registered; every key a file writes changes the value it
   inherits (CONVENTIONS.md rule 7: files carry only deltas; ``VERSION`` is exempt).
-* ``test_yaml_builds``: ``detectron2.modeling.build_model`` on every config as written, with
+* ``test_yaml_builds``: ``detectron2.modeling.build_model`` on every config as written (all
+  but the data-only dataset bases), with
   checks of the built model against the config (classes, queries, decoder and encoder layers,
   backbone widths and strides) through the parameter names of the public Mask2Former
   checkpoints, and, for the COCO models, the parameter counts of the paper's Tables 1 and 2.
 * ``test_official_settings``: the Mask2Former configs for real datasets carry the official
   settings, typed in this file from the official configs (not read from our YAMLs).
+* The layout (configs/README.md): one data-only base per dataset and task,
+  ``configs/<dataset>/<task>/Base-<Dataset>-<Task>.yaml`` (``test_dataset_base_is_data_only``);
+  every config under ``configs/<dataset>/<task>/<method>/`` reaches it through its ``_BASE_``
+  chain, and a method's base file ``Base-<Dataset>-<Task>-<Method>.yaml`` inherits it directly
+  (``test_chain_reaches_dataset_base``); every quick-schedule config reaches a synthetic dataset
+  base, and every meta-architecture that seg_methods registers has at least one quick config
+  (``test_quick_config_chain``, ``test_every_meta_architecture_has_a_quick_config``).
+  Dataset bases are loaded but not built: they hold no model.
 
 Build policy, measured by building every config with this file's helpers (2 torch threads, on a
 shared machine whose load varied, so wall times are indicative only): building the 54
@@ -38,7 +47,7 @@ import pytest
 import torch
 import yaml
 from detectron2.data import DatasetCatalog
-from detectron2.modeling import build_model
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from torch.overrides import TorchFunctionMode
 
 import seg_methods  # noqa: F401  registers meta-architectures, backbones and datasets
@@ -47,6 +56,20 @@ from seg_methods.config import get_cfg
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_ROOT = (REPO_ROOT / "configs").resolve()
 ALL_YAMLS: List[Path] = sorted(CONFIG_ROOT.rglob("*.yaml"))
+QUICK_DIR = CONFIG_ROOT / "quick_schedules"
+QUICK_YAMLS: List[Path] = sorted(QUICK_DIR.glob("*.yaml"))
+# configs/<dataset>/<task>/Base-<Dataset>-<Task>.yaml: data, input pipeline and evaluation only.
+DATASET_BASES: List[Path] = sorted(
+    p for p in ALL_YAMLS if len(p.relative_to(CONFIG_ROOT).parts) == 3 and p.parent != QUICK_DIR
+)
+# Everything that describes a model (method bases, leaves, quick schedules).
+MODEL_YAMLS: List[Path] = [p for p in ALL_YAMLS if p not in DATASET_BASES]
+# Keys a dataset base may write under MODEL: facts of the data, not of a method.
+DATASET_MODEL_KEYS = {
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+    "MODEL.SEM_SEG_HEAD.IGNORE_VALUE",
+    "MODEL.DEVICE",  # the embedded dataset is the CPU benchmark
+}
 
 # Real CPU builds (besides synthetic / instant-test configs); see the module docstring.
 CPU_BUILDS = {
@@ -125,7 +148,8 @@ def _norm(v):
 def test_yaml_loads(path: Path):
     chain = _base_chain(path)
     cfg = _load_cfg(path)
-    assert cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN", "no META_ARCHITECTURE set"
+    if path not in DATASET_BASES:
+        assert cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN", "no META_ARCHITECTURE set"
     unknown = [n for n in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST) if n not in DatasetCatalog]
     assert not unknown, f"datasets not registered by seg_methods or detectron2: {unknown}"
 
@@ -141,6 +165,93 @@ def test_yaml_loads(path: Path):
 def test_configs_found():
     rels = {_rel(p) for p in ALL_YAMLS}
     assert CPU_BUILDS <= rels, sorted(CPU_BUILDS - rels)
+    assert DATASET_BASES and QUICK_YAMLS
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _task_word(task_dir: str) -> str:
+    """``"panoptic-segmentation"`` -> ``"PanopticSegmentation"`` (the Base file's suffix)."""
+    return "".join(w.capitalize() for w in task_dir.split("-"))
+
+
+def _dataset_base(folder: Path) -> Path:
+    """The one ``Base-*.yaml`` of ``configs/<dataset>/<task>/``; asserts there is exactly one."""
+    bases = sorted(folder.glob("Base-*.yaml"))
+    assert len(bases) == 1, f"{_rel(folder)}/ needs exactly one Base-*.yaml, has {bases}"
+    return bases[0].resolve()
+
+
+@pytest.mark.parametrize("path", DATASET_BASES, ids=_rel)
+def test_dataset_base_is_data_only(path: Path):
+    """A dataset base writes data, input, evaluation and loader keys, and no method's keys."""
+    rel = _rel(path)
+    assert path.parent.name.endswith("-segmentation"), f"{rel}: task folder is <task>-segmentation"
+    suffix = f"-{_task_word(path.parent.name)}.yaml"
+    named = path.name.startswith("Base-") and path.name.endswith(suffix)
+    assert named, f"{rel}: name it Base-<Dataset>{suffix}"
+    data = _read_yaml(path)
+    assert "_BASE_" not in data, f"{rel}: a dataset base is the root of its chain"
+    written = _flatten({k: v for k, v in data.items() if k != "VERSION"})
+    method_keys = [
+        k
+        for k in written
+        if k.startswith("SOLVER.")
+        or (k.startswith("MODEL.") and k not in DATASET_MODEL_KEYS)
+        or k == "INPUT.FORMAT"  # the backbone's pretraining decides RGB/BGR (with PIXEL_MEAN)
+    ]
+    assert not method_keys, f"{rel}: method keys belong in <method>/ files: {method_keys}"
+    assert written.get("DATASETS.TRAIN") and written.get("DATASETS.TEST"), f"{rel}: no DATASETS"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in MODEL_YAMLS if p.parent != QUICK_DIR],
+    ids=_rel,
+)
+def test_chain_reaches_dataset_base(path: Path):
+    """configs/<dataset>/<task>/<method>/**.yaml inherits configs/<dataset>/<task>/Base-*.yaml."""
+    rel = _rel(path)
+    parts = Path(rel).parts
+    assert len(parts) >= 4, (
+        f"{rel}: a method's config lives in configs/<dataset>/<task>/<method>/ "
+        "(or configs/quick_schedules/)"
+    )
+    dataset_base = _dataset_base(CONFIG_ROOT / parts[0] / parts[1])
+    chain = _base_chain(path)
+    names = [_rel(p) for p in chain]
+    assert dataset_base in chain, f"{rel}: its _BASE_ chain {names} misses {_rel(dataset_base)}"
+    if path.name.startswith("Base-"):
+        # Base-<Dataset>-<Task>-<Method>.yaml, directly on top of the dataset base.
+        stem = dataset_base.name[: -len(".yaml")]
+        named = path.name.startswith(stem + "-") and len(parts) == 4
+        assert named, f"{rel}: a method base is <method>/{stem}-<Method>.yaml"
+        assert chain[1] == dataset_base, f"{rel}: _BASE_ must be ../{dataset_base.name}"
+        method = path.name[len(stem) + 1 : -len(".yaml")]
+        meta = _load_cfg(path).MODEL.META_ARCHITECTURE
+        assert method == meta, f"{rel}: named after {method}, builds {meta}"
+
+
+@pytest.mark.parametrize("path", QUICK_YAMLS, ids=_rel)
+def test_quick_config_chain(path: Path):
+    """A quick schedule is a few iterations of a config on the embedded (synthetic) dataset."""
+    assert path.name.endswith("_instant_test.yaml"), f"{_rel(path)}: name it *_instant_test.yaml"
+    chain = _base_chain(path)
+    roots = [p for p in chain if p in DATASET_BASES]
+    assert roots and _rel(roots[0]).startswith("synthetic/"), (
+        f"{_rel(path)}: its _BASE_ chain {[_rel(p) for p in chain]} reaches no "
+        "configs/synthetic/<task>/Base-*.yaml"
+    )
+
+
+def test_every_meta_architecture_has_a_quick_config():
+    """Every meta-architecture seg_methods registers can be smoke-tested by a quick config."""
+    ours = {name for name, obj in META_ARCH_REGISTRY if obj.__module__.startswith("seg_methods.")}
+    covered = {_load_cfg(p).MODEL.META_ARCHITECTURE for p in QUICK_YAMLS}
+    missing = sorted(ours - covered)
+    where = "configs/quick_schedules/*_instant_test.yaml"
+    assert not missing, f"meta-architectures without a {where}: {missing}"
 
 
 # --------------------------------------------------------------------------- build
@@ -227,7 +338,7 @@ def _check_mask2former(model, cfg):
         layers = {n.split(".")[3] for n in sd if n.startswith(f"{pred}transformer_{kind}_layers.")}
         assert len(layers) == m.DEC_LAYERS, (kind, sorted(layers))
     enc = {n.split(".")[5] for n in sd if ".pixel_decoder.transformer.encoder.layers." in n}
-    assert len(enc) == m.TRANSFORMER_ENC_LAYERS
+    assert len(enc) == cfg.MODEL.MSDEFORM_PIXEL_DECODER.TRANSFORMER_ENC_LAYERS
 
     # Backbone widths at strides 4, 8, 16, 32.
     shapes = model.backbone.output_shape()
@@ -239,7 +350,7 @@ def _check_mask2former(model, cfg):
     assert [shapes[f].stride for f in ("res2", "res3", "res4", "res5")] == [4, 8, 16, 32]
 
 
-@pytest.mark.parametrize("path", ALL_YAMLS, ids=_rel)
+@pytest.mark.parametrize("path", MODEL_YAMLS, ids=_rel)
 def test_yaml_builds(path: Path):
     rel = _rel(path)
     cfg = _load_cfg(path)
@@ -282,17 +393,20 @@ COMMON = {
     "MODEL.SEM_SEG_HEAD.IGNORE_VALUE": 255,
     "MODEL.MASK2FORMER.TRANSFORMER_DECODER_NAME": "Mask2FormerMaskedAttentionDecoder",
     "MODEL.MASK2FORMER.PIXEL_DECODER_NAME": "Mask2FormerMSDeformAttnPixelDecoder",
-    "MODEL.MASK2FORMER.IN_FEATURES": ["res2", "res3", "res4", "res5"],
-    "MODEL.MASK2FORMER.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES": ["res3", "res4", "res5"],
-    "MODEL.MASK2FORMER.COMMON_STRIDE": 4,
-    "MODEL.MASK2FORMER.TRANSFORMER_ENC_LAYERS": 6,
-    "MODEL.MASK2FORMER.CONVS_DIM": 256,
-    "MODEL.MASK2FORMER.MASK_DIM": 256,
-    "MODEL.MASK2FORMER.NORM": "GN",
+    # The pixel decoder's keys (official SEM_SEG_HEAD.* and MASK_FORMER.{NHEADS, DROPOUT}, which
+    # the official encoder reads too) live in the decoder's own node.
+    "MODEL.MSDEFORM_PIXEL_DECODER.IN_FEATURES": ["res2", "res3", "res4", "res5"],
+    "MODEL.MSDEFORM_PIXEL_DECODER.TRANSFORMER_IN_FEATURES": ["res3", "res4", "res5"],
+    "MODEL.MSDEFORM_PIXEL_DECODER.COMMON_STRIDE": 4,
+    "MODEL.MSDEFORM_PIXEL_DECODER.TRANSFORMER_ENC_LAYERS": 6,
+    "MODEL.MSDEFORM_PIXEL_DECODER.CONVS_DIM": 256,
+    "MODEL.MSDEFORM_PIXEL_DECODER.MASK_DIM": 256,
+    "MODEL.MSDEFORM_PIXEL_DECODER.NORM": "GN",
+    "MODEL.MSDEFORM_PIXEL_DECODER.NHEADS": 8,
+    "MODEL.MSDEFORM_PIXEL_DECODER.DROPOUT": 0.0,
     "MODEL.MASK2FORMER.HIDDEN_DIM": 256,
     "MODEL.MASK2FORMER.NUM_OBJECT_QUERIES": 100,
     "MODEL.MASK2FORMER.NHEADS": 8,
-    "MODEL.MASK2FORMER.DROPOUT": 0.0,
     "MODEL.MASK2FORMER.DIM_FEEDFORWARD": 2048,
     "MODEL.MASK2FORMER.PRE_NORM": False,
     "MODEL.MASK2FORMER.ENFORCE_INPUT_PROJ": False,

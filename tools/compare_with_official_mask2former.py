@@ -301,11 +301,15 @@ def _is_ours(obj: Any) -> bool:
 # =============================================================================================
 # our key -> official key (values copied unchanged; DEC_LAYERS is handled separately)
 KEY_MAP: Tuple[Tuple[str, str], ...] = tuple(
-    [(f"MODEL.MASK2FORMER.{k}", f"MODEL.SEM_SEG_HEAD.{k}") for k in (
-        "IN_FEATURES", "DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES", "CONVS_DIM", "MASK_DIM",
-        "NORM", "COMMON_STRIDE", "TRANSFORMER_ENC_LAYERS")]
+    [(f"MODEL.MSDEFORM_PIXEL_DECODER.{k}", f"MODEL.SEM_SEG_HEAD.{k}") for k in (
+        "IN_FEATURES", "CONVS_DIM", "MASK_DIM", "NORM", "COMMON_STRIDE",
+        "TRANSFORMER_ENC_LAYERS")]
+    + [("MODEL.MSDEFORM_PIXEL_DECODER.TRANSFORMER_IN_FEATURES",
+        "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES")]
+    # the official pixel decoder reads MASK_FORMER.DROPOUT (its transformer decoder hard-codes 0)
+    + [("MODEL.MSDEFORM_PIXEL_DECODER.DROPOUT", "MODEL.MASK_FORMER.DROPOUT")]
     + [(f"MODEL.MASK2FORMER.{k}", f"MODEL.MASK_FORMER.{k}") for k in (
-        "HIDDEN_DIM", "NUM_OBJECT_QUERIES", "NHEADS", "DROPOUT", "DIM_FEEDFORWARD", "PRE_NORM",
+        "HIDDEN_DIM", "NUM_OBJECT_QUERIES", "NHEADS", "DIM_FEEDFORWARD", "PRE_NORM",
         "ENFORCE_INPUT_PROJ", "SIZE_DIVISIBILITY")]
     + [(f"MODEL.MASK_CLS.{k}", f"MODEL.MASK_FORMER.{k}") for k in (
         "DEEP_SUPERVISION", "NO_OBJECT_WEIGHT", "CLASS_WEIGHT", "MASK_WEIGHT", "DICE_WEIGHT",
@@ -318,13 +322,16 @@ KEY_MAP: Tuple[Tuple[str, str], ...] = tuple(
 )  # fmt: skip
 # our keys the official code hard-codes: (key, the only value it supports)
 FIXED_IN_OFFICIAL = (
-    ("MODEL.MASK2FORMER.ENC_DIM_FEEDFORWARD", 1024),
-    ("MODEL.MASK2FORMER.ENC_N_POINTS", 4),
+    ("MODEL.MSDEFORM_PIXEL_DECODER.ENC_DIM_FEEDFORWARD", 1024),
+    ("MODEL.MSDEFORM_PIXEL_DECODER.ENC_N_POINTS", 4),
     ("MODEL.MASK2FORMER.MASK_ATTENTION_THRESHOLD", 0.5),
     ("MODEL.MASK2FORMER.PIXEL_DECODER_NAME", "Mask2FormerMSDeformAttnPixelDecoder"),
     ("MODEL.MASK2FORMER.TRANSFORMER_DECODER_NAME", "Mask2FormerMaskedAttentionDecoder"),
     ("MODEL.META_ARCHITECTURE", "Mask2Former"),
 )
+# pairs of our keys that the official code reads from one key (MASK_FORMER.NHEADS sets the heads
+# of both its pixel decoder and its transformer decoder)
+TIED_IN_OFFICIAL = (("MODEL.MSDEFORM_PIXEL_DECODER.NHEADS", "MODEL.MASK2FORMER.NHEADS"),)
 # official keys compared with --official-config: every MODEL leaf except these
 OFFICIAL_KEYS_NOT_COMPARED = (
     "MODEL.WEIGHTS",
@@ -373,7 +380,7 @@ def _norm_value(v):
 
 
 def our_cfg(config_file: Optional[str], opts: Sequence[str], impl: str):
-    """Our config (CPU, no weights) with ``MODEL.MASK2FORMER.DEFORM_ATTN_IMPL = impl``."""
+    """Our config (CPU, no weights), ``MODEL.MSDEFORM_PIXEL_DECODER.DEFORM_ATTN_IMPL = impl``."""
     from seg_methods.config import get_cfg
 
     cfg = get_cfg()
@@ -382,7 +389,7 @@ def our_cfg(config_file: Optional[str], opts: Sequence[str], impl: str):
     cfg.merge_from_list(list(opts))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.MASK2FORMER.DEFORM_ATTN_IMPL = impl
+    cfg.MODEL.MSDEFORM_PIXEL_DECODER.DEFORM_ATTN_IMPL = impl
     cfg.freeze()
     return cfg
 
@@ -399,6 +406,12 @@ def official_cfg_from_ours(official: OfficialCode, ours):
             raise ValueError(
                 f"{key} = {_get(ours, key)!r} has no official counterpart (the official code "
                 f"hard-codes {value!r}); compare a config with the official value"
+            )
+    for key_a, key_b in TIED_IN_OFFICIAL:
+        if _norm_value(_get(ours, key_a)) != _norm_value(_get(ours, key_b)):
+            raise ValueError(
+                f"{key_a} = {_get(ours, key_a)!r} and {key_b} = {_get(ours, key_b)!r} differ: the "
+                "official code reads both from one key; compare a config where they are equal"
             )
     cfg = official.default_cfg()
     for key, value in _leaves(ours):
@@ -1271,7 +1284,7 @@ def compare(
         weights (str, optional): checkpoint loaded into both; None: random official-format .pkl.
         opts, official_opts (list[str]): KEY VALUE overrides of our / the official config
             (with no official config, ours are translated).
-        impls (list[str]): our MODEL.MASK2FORMER.DEFORM_ATTN_IMPL values to check.
+        impls (list[str]): our MODEL.MSDEFORM_PIXEL_DECODER.DEFORM_ATTN_IMPL values to check.
         sizes (list[tuple]): (H, W) of the images of the batch.
         train (bool): also compare a training step.
         seed (int): seed of weights, inputs and the training step.
@@ -1487,7 +1500,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--impl",
         default="both",
         choices=("both", "op", "pytorch", "auto"),
-        help="our MODEL.MASK2FORMER.DEFORM_ATTN_IMPL (both = op and pytorch)",
+        help="our MODEL.MSDEFORM_PIXEL_DECODER.DEFORM_ATTN_IMPL (both = op and pytorch)",
     )
     parser.add_argument(
         "--sizes",

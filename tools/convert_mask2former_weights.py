@@ -7,7 +7,8 @@ Usage:
     python tools/convert_mask2former_weights.py IN.pkl OUT.pth --config-file CONFIG.yaml
 
 The input is read safely (restricted unpickler for .pkl, ``torch.load(weights_only=True)`` for
-.pth). seg_methods' Mask2Former uses the official parameter names, so ``RENAMES`` is empty and
+.pth; a file that needs anything else to load, or holds NaN/Inf weights, is refused with an error
+naming it). seg_methods' Mask2Former uses the official parameter names, so ``RENAMES`` is empty and
 the conversion is a validated re-save: every value must be an array or tensor, the ``module.``
 prefix of DDP is stripped, keys outside the known top-level modules are reported as unexpected,
 and with ``--config-file`` the keys and shapes are compared with the built model. The output is

@@ -10,7 +10,8 @@ set ``MODEL.WEIGHTS`` to it (with ``INPUT.FORMAT: "RGB"`` and ImageNet RGB pixel
 Swin configs do). The names stay those of the ImageNet model (``patch_embed.*``, ``layers.*``);
 detectron2's matching heuristics map them onto ``backbone.*`` of the segmentation model.
 
-The input is read with ``torch.load(weights_only=True)``. The classifier (``head.*``), the final
+The input is read with ``torch.load(weights_only=True)`` (a file that needs anything else to
+load is refused, naming it), and weights with NaN/Inf values are refused. The classifier (``head.*``), the final
 classification LayerNorm (``norm.*``) and the ``attn_mask`` buffers are dropped by default
 (``--keep-all`` keeps them): ``D2SwinTransformer`` never uses them (it has its own output norms
 ``norm0``..``norm3`` and recomputes masks for each input size), and dropping them prevents a
@@ -30,7 +31,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from seg_methods.utils.checkpoint import strip_common_prefix, torch_load_weights_only  # noqa: E402
+from seg_methods.utils.checkpoint import (  # noqa: E402
+    check_finite_weights,
+    strip_common_prefix,
+    torch_load_weights_only,
+)
 
 _DROPPED = (
     re.compile(r"^head\."),
@@ -113,6 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("the output must end with .pkl (detectron2 reads numpy pickles by extension)")
 
     state = find_state_dict(torch_load_weights_only(args.input))
+    check_finite_weights(state, args.input)
     arrays, dropped = convert(state, keep_all=args.keep_all)
     res = {
         "model": arrays,

@@ -7,16 +7,24 @@ from .common import add_common_config
 def add_seg_methods_config(cfg):
     """Add the shared keys and every method's ``cfg.MODEL.<METHOD>`` node to ``cfg``."""
     # Imported here so each method's config module stays independent of the others.
+    from .axial_pixel_decoder import add_axial_pixel_decoder_config
+    from .axial_resnet import add_axial_resnet_config
     from .clustseg import add_clustseg_config
     from .cmt_deeplab import add_cmt_deeplab_config
     from .mask2former import add_mask2former_config
+    from .msdeform_pixel_decoder import add_msdeform_pixel_decoder_config
+    from .per_pixel import add_per_pixel_config
     from .swin import add_swin_config
 
     add_common_config(cfg)
     add_swin_config(cfg)
+    add_axial_resnet_config(cfg)
+    add_msdeform_pixel_decoder_config(cfg)
+    add_axial_pixel_decoder_config(cfg)
     add_mask2former_config(cfg)
     add_cmt_deeplab_config(cfg)
     add_clustseg_config(cfg)
+    add_per_pixel_config(cfg)  # per-pixel semantic template (MODEL/TEST.PER_PIXEL)
     return cfg
 
 

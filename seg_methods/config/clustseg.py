@@ -18,21 +18,17 @@ def add_clustseg_config(cfg):
         return
     m = cfg.MODEL.CLUSTSEG = CN()
     # "panoptic", "instance", "semantic" or "superpixel": which query sets dreamy-start builds and
-    # which losses / outputs the model uses (one architecture, four tasks).
+    # which losses / outputs the model uses (one architecture, four tasks). The superpixel task is
+    # the one source of "the model outputs superpixel maps": TEST.SUPERPIXEL_ON is derived from it
+    # (see superpixel_on below).
     m.TASK = "panoptic"
     m.SIZE_DIVISIBILITY = 32
 
     # ---------------- pixel decoder (Sec. 3.3) ----------------
+    # Its structure is in its own node, cfg.MODEL.AXIAL_PIXEL_DECODER
+    # (config/axial_pixel_decoder.py); its CONVS_DIM and MASK_DIM are also the decoder's input and
+    # mask-embedding channels.
     m.PIXEL_DECODER_NAME = "ClustSegAxialPixelDecoder"
-    m.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    m.CONVS_DIM = 256
-    m.MASK_DIM = 256
-    m.NORM = "GN"  # norm of the lateral / output convs (our choice, as Mask2Former's FPN)
-    # Axial blocks at the coarsest level (L, 1/32) and the next one (L-1, 1/16): 1 and 5.
-    m.AXIAL_BLOCKS = [1, 5]
-    m.AXIAL_NHEADS = 8
-    m.AXIAL_SPAN = 65  # global along both axes up to 65 pixels (1/16 of a 1024 crop = 64)
-    m.AXIAL_NORM = "BN"  # "BN", "SyncBN" (multi-GPU) or ""
 
     # ---------------- recurrent cross-attention decoder (Eq. 10-11) ----------------
     m.TRANSFORMER_DECODER_NAME = "ClustSegRecurrentDecoder"
@@ -54,8 +50,10 @@ def add_clustseg_config(cfg):
     # Scale the affinities by (D / heads)^-0.5 as in a transformer decoder (our choice; the
     # paper's Eq. 10 has no scale).
     m.SCALED_AFFINITY = True
-    # Deep supervision of the E-steps (Sec. 3.3 / Table 7a): "all" E-steps, only the "last" one of
-    # each layer, or "none" (only the decoder-layer outputs).
+    # Which E-steps of every decoder layer are intermediate predictions (Sec. 3.3 / Table 7a):
+    # "all", only the "last" one of each layer, or "none" (only the decoder-layer outputs).
+    # Whether intermediate predictions are supervised at all is one shared switch,
+    # MODEL.MASK_CLS.DEEP_SUPERVISION (with it off, no E-step prediction is made).
     m.ESTEP_SUPERVISION = "all"
 
     # ---------------- dreamy-start (Eq. 7-9) ----------------
@@ -76,12 +74,45 @@ def add_clustseg_config(cfg):
 
     # ---------------- superpixels (Sec. 4.4, App. A.4) ----------------
     m.SUPERPIXEL = CN()
-    # number of superpixels drawn per training batch (50 to 2500 in the paper)
+    # number of superpixels drawn per training batch (50 to 2500 in the paper); checked when the
+    # model is built (both ends in [50, 2500], min <= max)
     m.SUPERPIXEL.TRAIN_NUM_RANGE = [50, 2500]
-    # default number at test time; an input dict's "num_superpixels" overrides it per call
+    # default number at test time (in [50, 2500], checked at build time); an input dict's
+    # "num_superpixels" overrides it per call
     m.SUPERPIXEL.TEST_NUM = 200
     # losses (App. A.4): 10 x smooth L1 + 1 x SLIC loss (Yang et al. 2020)
     m.SUPERPIXEL.SMOOTH_L1_WEIGHT = 10.0
     m.SUPERPIXEL.SLIC_WEIGHT = 1.0
     # m of the SLIC loss's position term m / S * ||p - p'||_2 (SSFCN's default 0.003)
     m.SUPERPIXEL.COMPACTNESS = 0.003
+
+
+def superpixel_on(cfg) -> bool:
+    """Whether the configured model outputs superpixel maps (what ``TEST.SUPERPIXEL_ON`` means).
+
+    The fact is ``MODEL.CLUSTSEG.TASK == "superpixel"`` with ``MODEL.META_ARCHITECTURE`` ClustSeg.
+    ``TEST.SUPERPIXEL_ON`` defaults to None (derived); a config may restate it, and a ClustSeg
+    config whose ``TEST.SUPERPIXEL_ON`` contradicts its task is refused. For other
+    meta-architectures an explicit value is taken as given.
+
+    Args:
+        cfg (CfgNode): a full seg_methods config.
+
+    Returns:
+        bool
+
+    Raises:
+        ValueError: ``TEST.SUPERPIXEL_ON`` contradicts ``MODEL.CLUSTSEG.TASK``.
+    """
+    explicit = cfg.TEST.SUPERPIXEL_ON
+    if cfg.MODEL.META_ARCHITECTURE != "ClustSeg":
+        return bool(explicit)
+    derived = cfg.MODEL.CLUSTSEG.TASK == "superpixel"
+    if explicit is not None and bool(explicit) != derived:
+        raise ValueError(
+            f"TEST.SUPERPIXEL_ON={explicit} contradicts MODEL.CLUSTSEG.TASK="
+            f"{cfg.MODEL.CLUSTSEG.TASK!r}: ClustSeg outputs superpixel maps exactly when "
+            "MODEL.CLUSTSEG.TASK is 'superpixel'. Set the task and leave TEST.SUPERPIXEL_ON unset "
+            "(it is derived from the task)."
+        )
+    return derived

@@ -15,24 +15,11 @@ def add_cmt_deeplab_config(cfg):
         return
     m = cfg.MODEL.CMT_DEEPLAB = CN()
 
-    # ---- Axial-ResNet backbone (registered as "AxialResNet"; Sec. 3.4) ----
-    b = m.AXIAL_RESNET = CN()
-    b.DEPTH = 50  # 50: blocks [3, 4, 6, 3]; 104: [3, 4, 24, 3] (stage-4 scaled up, Sec. 3.4)
-    b.STEM_CHANNELS = 128  # (ours) three 3x3 convs 64-64-128 then max-pool, stride 4
-    # Stages whose output stride is >= this use axial blocks, the others conv bottlenecks
-    # (ours: MaX-DeepLab's convention of axial attention from stride 16 on).
-    b.AXIAL_BEYOND_STRIDE = 16
-    b.NUM_HEADS = 8
-    # Attention width of an axial block = output channels // this (ours: 2, the wide axial
-    # blocks of MaX-DeepLab; it reproduces the ~40M parameters that Axial-R104's 18 extra
-    # stage-4 blocks add in Table 1). Conv bottlenecks keep the ResNet ratio 4.
-    b.AXIAL_BOTTLENECK_RATIO = 2
-    b.SPAN = 129  # global along each axis for 1281 inputs at stride 16 (81) and 32 (41)
-    b.NORM = "BN"
-    b.ACTIVATION = "gelu"  # Sec. 3.4: GeLU replaces ReLU
-    b.DROP_PATH_RATE = 0.2  # Sec. 4, linearly increasing over the blocks (ours)
-    b.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    b.WIDTHS = [256, 512, 1024, 2048]  # output channels of res2..res5 (ResNet-50 widths)
+    # The Axial-ResNet backbone (MODEL.BACKBONE.NAME "AxialResNet") reads its own node,
+    # cfg.MODEL.AXIAL_RESNET (seg_methods/config/axial_resnet.py).
+
+    # ---- head: name in MASK_CLS_HEAD_REGISTRY (seg_methods/modeling/build.py) ----
+    m.HEAD_NAME = "CMTDeepLabDecoder"
 
     # ---- cluster centres / dual-path transformer decoder (Sec. 3.3, 3.4) ----
     m.NUM_OBJECT_QUERIES = 128  # N, MaX-DeepLab's 128 mask slots
@@ -65,7 +52,12 @@ def add_cmt_deeplab_config(cfg):
     m.RFN = False
 
     # ---- losses (Sec. 3.4 and MaX-DeepLab) ----
-    m.DEEP_SUPERVISION = True  # every CMT layer's assignment is supervised
+    # Deep supervision (every CMT layer's prediction is supervised) is the shared key
+    # MODEL.MASK_CLS.DEEP_SUPERVISION.
+    # Matching used by the auxiliary (per-layer) predictions: "final" reuses the final
+    # prediction's Hungarian matching and its PQ-loss weights for every layer (MaX-DeepLab's
+    # reference implementation, kMaX-DeepLab's default); "per_layer" matches every layer anew.
+    m.AUX_MATCHING = "final"
     m.PQ_WEIGHT = 3.0
     m.PQ_ALPHA = 0.75
     m.MASK_ID_WEIGHT = 0.3

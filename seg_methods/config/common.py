@@ -26,6 +26,9 @@ def add_common_config(cfg):
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
+    # Target generators (seg_methods.data.target_generators) called in addition to those of the
+    # dataset mapper, e.g. ["class_hierarchy"]; a trailing "?" skips records lacking the labels.
+    cfg.INPUT.EXTRA_TARGETS = []
 
     # ---------------- solver ----------------
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
@@ -48,7 +51,9 @@ def add_common_config(cfg):
     cfg.TEST.SEMANTIC_ON = True
     cfg.TEST.INSTANCE_ON = False
     cfg.TEST.PANOPTIC_ON = False
-    cfg.TEST.SUPERPIXEL_ON = False  # superpixel maps (evaluator_type "superpixel")
+    # Superpixel maps (evaluator_type "superpixel"). None = derived from the model (ClustSeg:
+    # MODEL.CLUSTSEG.TASK == "superpixel"); see seg_methods.config.clustseg.superpixel_on.
+    cfg.TEST.SUPERPIXEL_ON = None
     # Number of validation images whose predictions are drawn to OUTPUT_DIR/vis after eval.
     cfg.TEST.NUM_VIS_IMAGES = 0
 
@@ -57,6 +62,10 @@ def add_common_config(cfg):
     # and semantic/instance/panoptic inference (seg_methods.modeling.{matcher,criterion,
     # postprocessing}). Defaults are Mask2Former's published loss settings.
     cfg.MODEL.MASK_CLS = CN()
+    # The one deep-supervision switch of every mask-classification method: supervise the
+    # intermediate predictions ("aux_outputs") too (Mask2Former: every decoder layer). Method keys
+    # only choose *which* intermediate predictions exist (e.g. MODEL.CLUSTSEG.ESTEP_SUPERVISION);
+    # with this off, only the final prediction is supervised.
     cfg.MODEL.MASK_CLS.DEEP_SUPERVISION = True
     cfg.MODEL.MASK_CLS.NO_OBJECT_WEIGHT = 0.1
     cfg.MODEL.MASK_CLS.CLASS_WEIGHT = 2.0

@@ -18,7 +18,6 @@ def add_mask2former_config(cfg):
     m.HIDDEN_DIM = 256
     m.NUM_OBJECT_QUERIES = 100
     m.NHEADS = 8
-    m.DROPOUT = 0.0
     m.DIM_FEEDFORWARD = 2048
     # Number of masked-attention layers (9 = 3 rounds over 3 scales). Predictions are made by the
     # learnable queries and after every layer, so DEC_LAYERS + 1 outputs are supervised.
@@ -28,17 +27,7 @@ def add_mask2former_config(cfg):
     m.ENFORCE_INPUT_PROJ = False
     m.MASK_ATTENTION_THRESHOLD = 0.5
     m.SIZE_DIVISIBILITY = 32
-    # pixel decoder (Sec. 3.2 / 4.1): 6 deformable-attention layers over 1/8, 1/16, 1/32 + FPN
+    # pixel decoder (Sec. 3.2 / 4.1): its structure is in its own node,
+    # cfg.MODEL.MSDEFORM_PIXEL_DECODER (config/msdeform_pixel_decoder.py); its CONVS_DIM and MASK_DIM
+    # are also the transformer decoder's input and mask-embedding channels.
     m.PIXEL_DECODER_NAME = "Mask2FormerMSDeformAttnPixelDecoder"
-    m.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    m.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
-    m.CONVS_DIM = 256
-    m.MASK_DIM = 256
-    m.NORM = "GN"
-    m.COMMON_STRIDE = 4
-    m.TRANSFORMER_ENC_LAYERS = 6
-    m.ENC_DIM_FEEDFORWARD = 1024
-    m.ENC_N_POINTS = 4
-    # "auto": compiled seg_methods._C op when built, else the pure-PyTorch reference;
-    # "op" to require the compiled op; "pytorch" to force the reference.
-    m.DEFORM_ATTN_IMPL = "auto"

@@ -12,8 +12,22 @@
   and draws the first ``cfg.TEST.NUM_VIS_IMAGES`` test images to ``OUTPUT_DIR/vis``.
 
 detectron2's per-iteration JSON log goes to ``OUTPUT_DIR/training_metrics.json`` (JSON lines)
-because ``metrics.json`` holds the evaluation results. A non-finite loss stops training with a
-``FloatingPointError`` naming the iteration.
+because ``metrics.json`` holds the evaluation results.
+
+Divergence guard (every method): training stops with a ``FloatingPointError`` naming the
+iteration and the loss terms when (a) the loss is NaN/Inf (detectron2's check, before the
+optimizer step), (b) after the optimizer step a parameter holds NaN/Inf (checked every
+iteration with one fused norm per device, see :func:`~seg_methods.engine.hooks.
+non_finite_parameters`; the message names the parameters), so that the next forward, and its
+Hungarian matching, never runs on diverged weights, or (c) the forward itself meets non-finite
+values before the loss exists (the shared matcher raises ``FloatingPointError`` on a non-finite
+cost matrix; scipy's "invalid numeric entries" error of any other matcher is turned into one);
+the message then gives the loss terms of the last completed iteration.
+
+Weights: ``evaluate_checkpoint`` refuses to evaluate random weights (empty ``MODEL.WEIGHTS``,
+nothing to resume from) unless ``allow_random_weights`` (``train_net.py --random-weights``);
+``resume_fallback`` (``--resume-fallback``) resumes from the previous checkpoint when the last
+one is truncated (see :class:`~seg_methods.utils.checkpoint.SegCheckpointer`).
 """
 
 import logging
@@ -31,9 +45,11 @@ from detectron2.utils.logger import setup_logger
 from ..config import get_cfg
 from ..data.build import build_dataset_mapper, build_test_loader, build_train_loader
 from ..evaluation import build_evaluator
+from ..evaluation.requirements import check_evaluation_requirements
 from ..solver import build_lr_scheduler, build_optimizer
-from ..utils.checkpoint import SegCheckpointer
-from .hooks import SegEvalHook, report_results
+from ..utils.checkpoint import SegCheckpointer, require_weights
+from .hooks import LossTermsRecorder, SegEvalHook, non_finite_parameters, report_results
+from .launch import broadcast_buffers, cpu_capable_ddp
 from .visualization import visualize_dataset_predictions
 
 logger = logging.getLogger(__name__)
@@ -42,7 +58,14 @@ TRAINING_LOG_FILE = "training_metrics.json"
 VIS_DIR = "vis"
 
 
-def build_checkpointer(model, save_dir: str = "", *, strict: bool = False, **checkpointables):
+def build_checkpointer(
+    model,
+    save_dir: str = "",
+    *,
+    strict: bool = False,
+    resume_fallback: bool = False,
+    **checkpointables,
+):
     """:class:`~seg_methods.utils.checkpoint.SegCheckpointer` for ``model`` (and trainer state).
 
     Args:
@@ -50,9 +73,38 @@ def build_checkpointer(model, save_dir: str = "", *, strict: bool = False, **che
         save_dir (str): folder of checkpoints and ``last_checkpoint``.
         strict (bool): also raise when model keys are missing from the loaded file (evaluation,
             inference). Shape mismatches always raise, naming the keys.
+        resume_fallback (bool): when resuming from a truncated last checkpoint, use the newest
+            readable earlier one instead of raising.
         checkpointables: extra objects saved/loaded with the model (e.g. ``trainer=``).
     """
-    return SegCheckpointer(model, save_dir, strict=strict, **checkpointables)
+    return SegCheckpointer(
+        model, save_dir, strict=strict, resume_fallback=resume_fallback, **checkpointables
+    )
+
+
+def add_weights_arguments(parser):
+    """Add seg_methods' weight-loading flags to a ``train_net.py``-style argument parser.
+
+    ``--random-weights``: allow ``--eval-only`` without ``MODEL.WEIGHTS`` (random weights).
+    ``--resume-fallback``: with ``--resume``, fall back to the previous checkpoint when the last
+    one cannot be read.
+
+    Returns:
+        the parser.
+    """
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="with --eval-only: evaluate randomly initialised weights when MODEL.WEIGHTS is "
+        "empty (refused otherwise)",
+    )
+    parser.add_argument(
+        "--resume-fallback",
+        action="store_true",
+        help="with --resume: if the last checkpoint is truncated or corrupt, resume from the "
+        "newest readable earlier model_XXXXXXX.pth",
+    )
+    return parser
 
 
 def resolve_device(cfg) -> str:
@@ -98,7 +150,12 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        super().__init__(_runnable_config(cfg))
+        # Fail now, not after hours of training, if an evaluator cannot run on the test sets.
+        check_evaluation_requirements(cfg)
+        # cpu_capable_ddp: with several processes, DefaultTrainer.__init__ wraps the model in
+        # DistributedDataParallel; on the CPU that needs seg_methods.engine.launch's wrapping.
+        with cpu_capable_ddp():
+            super().__init__(_runnable_config(cfg))
 
     def build_hooks(self):
         # DefaultTrainer.__init__ creates a DetectionCheckpointer right before calling
@@ -133,15 +190,72 @@ class Trainer(DefaultTrainer):
             TensorboardXWriter(out),
         ]
 
+    _ADVICE = "Lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS or check this batch's data."
+
     def run_step(self):
+        """One detectron2 training step, then the divergence checks (see the module docstring).
+
+        Raises:
+            FloatingPointError: naming the iteration and the loss terms, when the loss, the
+                forward's matching costs or the parameters after the step are NaN or Inf.
+        """
+        recorder = getattr(self, "_loss_recorder", None)
+        if recorder is None:
+            recorder = self._loss_recorder = LossTermsRecorder()
+            self._trainer.model.register_forward_hook(recorder)
+            model = getattr(self.model, "module", self.model)  # unwrap DDP for the names
+            self._trainable_parameters = [
+                (n, p) for n, p in model.named_parameters() if p.requires_grad
+            ]
+        previous_terms = recorder.describe()
+        recorder.terms = None
         try:
             super().run_step()
         except FloatingPointError as e:
+            raise FloatingPointError(self._divergence_message(e, recorder, previous_terms)) from e
+        except ValueError as e:
+            # scipy.optimize.linear_sum_assignment on a NaN cost (a matcher without its own
+            # finite check): the forward met diverged values.
+            if "invalid numeric entries" not in str(e):
+                raise
+            raise FloatingPointError(self._divergence_message(e, recorder, previous_terms)) from e
+        bad = non_finite_parameters(self._trainable_parameters)
+        if bad:
+            shown = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
             raise FloatingPointError(
+                f"Training stopped: the weights diverged at iteration {self.iter}: after the "
+                f"optimizer step {len(bad)} parameter tensor(s) hold NaN or Inf: {shown}. "
+                f"Loss terms of iteration {self.iter}: {recorder.describe()}. {self._ADVICE}"
+            )
+
+    def _divergence_message(self, error, recorder, previous_terms: str) -> str:
+        if recorder.terms is not None:  # the forward finished: the loss itself is not finite
+            return (
                 f"Training stopped: the loss is NaN or infinite at iteration {self.iter}. "
-                "Lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS or check this batch's data. "
-                f"Details: {e}"
-            ) from e
+                f"Loss terms of iteration {self.iter}: {recorder.describe()}. {self._ADVICE} "
+                f"Details: {error}"
+            )
+        last = (
+            f"Loss terms of the last completed iteration ({self.iter - 1}): {previous_terms}."
+            if self.iter > self.start_iter
+            else "No iteration completed in this run."
+        )
+        return (
+            f"Training stopped: NaN or infinite values at iteration {self.iter}, before the loss "
+            f"was computed ({type(error).__name__}: {error}). {last} {self._ADVICE}"
+        )
+
+    def resume_or_load(self, resume: bool = True, *, fallback: bool = False):
+        """detectron2's ``resume_or_load`` with seg_methods' resume checks.
+
+        Args:
+            resume (bool): resume from ``OUTPUT_DIR``'s last checkpoint if there is one (exact
+                key/shape fit required), else load ``MODEL.WEIGHTS``.
+            fallback (bool): if the last checkpoint is truncated or corrupt, resume from the
+                newest readable earlier one (``train_net.py --resume-fallback``).
+        """
+        self.checkpointer.resume_fallback = fallback
+        super().resume_or_load(resume=resume)
 
     def train(self):
         """Run training; returns the results of the last evaluation (None if none ran)."""
@@ -170,6 +284,17 @@ class Trainer(DefaultTrainer):
         return build_lr_scheduler(cfg, optimizer)
 
     # ---------------------------------------------------------------- evaluation
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """``DefaultTrainer.test`` after giving every process rank 0's buffers.
+
+        With several processes, each evaluates its share of the test set and the evaluators
+        gather the predictions; :func:`~seg_methods.engine.launch.broadcast_buffers` first makes
+        every rank's BatchNorm statistics those of rank 0, whose weights are the checkpoint's.
+        """
+        broadcast_buffers(model)
+        return super().test(cfg, model, evaluators)
+
     @classmethod
     def visualize(cls, cfg, model):
         """Draw the first ``cfg.TEST.NUM_VIS_IMAGES`` images of ``cfg.DATASETS.TEST[0]`` to
@@ -214,20 +339,46 @@ def setup(args):
     return cfg
 
 
-def evaluate_checkpoint(cfg, resume: bool = False):
+def evaluate_checkpoint(
+    cfg,
+    resume: bool = False,
+    *,
+    allow_random_weights: bool = False,
+    resume_fallback: bool = False,
+):
     """Eval-only: build the model, load ``cfg.MODEL.WEIGHTS`` (or the last checkpoint of
     OUTPUT_DIR with ``resume``) strictly (missing keys raise), evaluate with
-    :meth:`Trainer.evaluate`."""
+    :meth:`Trainer.evaluate`.
+
+    Args:
+        cfg (CfgNode): the config.
+        resume (bool): evaluate OUTPUT_DIR's last checkpoint if there is one.
+        allow_random_weights (bool): evaluate random weights when there is nothing to load
+            (``train_net.py --random-weights``); refused otherwise.
+        resume_fallback (bool): see :func:`build_checkpointer`.
+
+    Raises:
+        RandomWeightsError: nothing to load and ``allow_random_weights`` is False.
+        FileNotFoundError: ``MODEL.WEIGHTS`` does not exist.
+    """
     model = Trainer.build_model(cfg)
-    build_checkpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
-        cfg.MODEL.WEIGHTS, resume=resume
+    checkpointer = build_checkpointer(
+        model, save_dir=cfg.OUTPUT_DIR, strict=True, resume_fallback=resume_fallback
     )
+    if not (resume and checkpointer.has_checkpoint()):
+        require_weights(
+            cfg.MODEL.WEIGHTS,
+            allow_random_weights,
+            how_to_allow="pass --random-weights (allow_random_weights=True in Python)",
+        )
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    check_evaluation_requirements(cfg)
     return Trainer.evaluate(cfg, model)
 
 
-def train(cfg, resume: bool = False):
+def train(cfg, resume: bool = False, *, resume_fallback: bool = False):
     """Train (resuming from OUTPUT_DIR's last checkpoint with ``resume``); returns the last
-    evaluation results."""
+    evaluation results. ``resume_fallback``: see :meth:`Trainer.resume_or_load`."""
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=resume)
+    trainer.resume_or_load(resume=resume, fallback=resume_fallback)
     return trainer.train()

@@ -3,6 +3,10 @@
 Used by the trainer after evaluation (``OUTPUT_DIR/vis/*.png``) and by ``demo/demo.py``.
 Model outputs follow detectron2's conventions: "panoptic_seg" = (ids (H, W), segments_info),
 "instances" with pred_masks (N, H, W), scores, pred_classes, "sem_seg" (C, H, W) scores.
+
+The trainer's strips put the panels side by side, each under a title band
+(:data:`PANEL_TITLES`: "ground truth", "panoptic", "instances", "semantic") of
+:func:`title_band_height` rows.
 """
 
 import logging
@@ -12,16 +16,80 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.data import detection_utils as utils
 from detectron2.evaluation import inference_context
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.visualizer import ColorMode, Visualizer
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 logger = logging.getLogger(__name__)
 
 # Preference order of the outputs drawn when only one is wanted (demo).
 PREDICTION_KINDS = ("panoptic_seg", "instances", "sem_seg")
+# Title of each panel of the trainer's drawings.
+PANEL_TITLES = {
+    "ground_truth": "ground truth",
+    "panoptic_seg": "panoptic",
+    "instances": "instances",
+    "sem_seg": "semantic",
+}
+TITLE_BACKGROUND = (32, 32, 32)
+TITLE_COLOR = (255, 255, 255)
+
+
+def title_band_height(panel_height: int) -> int:
+    """Rows of the title band above a panel of ``panel_height`` rows (1/16 of it, >= 20)."""
+    return max(20, panel_height // 16)
+
+
+def add_title(panel: np.ndarray, title: str) -> np.ndarray:
+    """Put a band with ``title`` (white on dark grey, centred) above a drawing.
+
+    Args:
+        panel (np.ndarray): (H, W, 3) uint8 RGB drawing.
+        title (str): text of the band.
+
+    Returns:
+        np.ndarray: (H + title_band_height(H), W, 3) uint8.
+    """
+    h, w = panel.shape[:2]
+    band_h = title_band_height(h)
+    band = Image.new("RGB", (w, band_h), TITLE_BACKGROUND)
+    draw = ImageDraw.Draw(band)
+    font = ImageFont.load_default(size=max(8, int(band_h * 0.7)))
+    left, top, right, bottom = draw.textbbox((0, 0), title, font=font)
+    xy = ((w - (right - left)) / 2 - left, (band_h - (bottom - top)) / 2 - top)
+    draw.text(xy, title, fill=TITLE_COLOR, font=font)
+    return np.concatenate([np.asarray(band), panel], axis=0)
+
+
+def drawing_metadata(metadata):
+    """Metadata whose ``thing_classes``/``thing_colors`` are indexed by contiguous class id.
+
+    Panoptic datasets here use one label space for all classes (Mask2Former's convention:
+    ``stuff_classes`` lists every class, things keep their joint contiguous ids), while
+    detectron2's ``Visualizer`` looks thing names up as ``thing_classes[category_id]``. When
+    ``stuff_classes`` covers every thing id, drawings use it (and ``stuff_colors``) for things
+    too; otherwise (e.g. COCO instance datasets) ``metadata`` is returned unchanged.
+
+    Args:
+        metadata (Metadata): dataset metadata.
+
+    Returns:
+        Metadata: ``metadata`` or a copy with joint-indexed thing names and colours.
+    """
+    thing_map = metadata.get("thing_dataset_id_to_contiguous_id", None)
+    names = metadata.get("stuff_classes", None)
+    if not thing_map or not names or max(thing_map.values()) >= len(names):
+        return metadata
+    fields = dict(metadata.as_dict(), thing_classes=list(names))
+    colors = metadata.get("stuff_colors", None)
+    if colors is not None and len(colors) == len(names):
+        fields["thing_colors"] = [list(c) for c in colors]
+    else:
+        fields.pop("thing_colors", None)
+    return Metadata(**fields)
 
 
 def available_prediction_kinds(outputs: Dict) -> List[str]:
@@ -57,7 +125,9 @@ def draw_prediction(
         if not kinds:
             raise KeyError(f"model output has none of {PREDICTION_KINDS}: {sorted(outputs)}")
         kind = kinds[0]
-    vis = Visualizer(image_rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE)
+    vis = Visualizer(
+        image_rgb, drawing_metadata(metadata), scale=scale, instance_mode=ColorMode.IMAGE
+    )
     if kind == "panoptic_seg":
         seg, segments_info = outputs["panoptic_seg"]
         out = vis.draw_panoptic_seg(seg.to("cpu"), segments_info)
@@ -92,7 +162,9 @@ def draw_ground_truth(
         labels = {"sem_seg_file_name": record["sem_seg_file_name"]}
     else:
         return None
-    vis = Visualizer(image_rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE)
+    vis = Visualizer(
+        image_rgb, drawing_metadata(metadata), scale=scale, instance_mode=ColorMode.IMAGE
+    )
     return vis.draw_dataset_dict(labels).get_image()
 
 
@@ -106,7 +178,8 @@ def visualize_predictions(
     instance_score_threshold: float = 0.5,
     min_size: int = 512,
 ) -> List[str]:
-    """Run the model on records and save "ground truth | each prediction" strips as PNGs.
+    """Run the model on records and save "ground truth | each prediction" strips as PNGs, each
+    panel under its title (:func:`add_title`).
 
     Args:
         model (nn.Module): the model; switched to eval mode for the call and restored.
@@ -131,18 +204,17 @@ def visualize_predictions(
             panels = []
             gt = draw_ground_truth(image, record, metadata, scale=scale)
             if gt is not None:
-                panels.append(gt)
+                panels.append(add_title(gt, PANEL_TITLES["ground_truth"]))
             for kind in available_prediction_kinds(outputs):
-                panels.append(
-                    draw_prediction(
-                        image,
-                        outputs,
-                        metadata,
-                        kind,
-                        instance_score_threshold=instance_score_threshold,
-                        scale=scale,
-                    )
+                drawing = draw_prediction(
+                    image,
+                    outputs,
+                    metadata,
+                    kind,
+                    instance_score_threshold=instance_score_threshold,
+                    scale=scale,
                 )
+                panels.append(add_title(drawing, PANEL_TITLES[kind]))
             if not panels:
                 continue
             stem = os.path.splitext(os.path.basename(record["file_name"]))[0]

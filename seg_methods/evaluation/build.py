@@ -36,6 +36,7 @@ from detectron2.evaluation import (
     SemSegEvaluator,
 )
 
+from ..config.clustseg import superpixel_on
 from .instance_evaluation import InstanceSegEvaluator
 from .superpixel import SuperpixelEvaluator
 
@@ -106,11 +107,24 @@ EVALUATORS: Dict[str, List[Tuple[str, Factory]]] = {
 }
 
 
+def model_output_flags(cfg) -> Dict[str, bool]:
+    """Which outputs the configured model produces, keyed by their ``cfg.TEST`` flag name.
+
+    ``TEST.SEMANTIC_ON`` / ``INSTANCE_ON`` / ``PANOPTIC_ON`` are read as set. ``SUPERPIXEL_ON`` is
+    derived from the model (ClustSeg's ``MODEL.CLUSTSEG.TASK``), see
+    :func:`seg_methods.config.clustseg.superpixel_on`, which refuses a contradicting config.
+    """
+    flags = {flag: bool(cfg.TEST.get(flag)) for flag in (SEMANTIC, INSTANCE, PANOPTIC)}
+    flags[SUPERPIXEL] = superpixel_on(cfg)
+    return flags
+
+
 def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None):
     """Evaluators for ``dataset_name`` given what the model outputs.
 
     Args:
-        cfg (CfgNode): config with ``TEST.SEMANTIC_ON/INSTANCE_ON/PANOPTIC_ON``.
+        cfg (CfgNode): config with ``TEST.SEMANTIC_ON/INSTANCE_ON/PANOPTIC_ON`` (the model's
+            superpixel output is derived, see :func:`model_output_flags`).
         dataset_name (str): a registered dataset whose metadata has ``evaluator_type``.
         output_folder (str or None): where evaluators write files (default
             ``OUTPUT_DIR/inference``).
@@ -130,15 +144,14 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
             f"Dataset '{dataset_name}' has evaluator_type={evaluator_type!r}; supported: "
             f"{sorted(EVALUATORS)}."
         )
+    outputs = model_output_flags(cfg)
     evaluators = [
         factory(dataset_name, output_folder)
         for flag, factory in EVALUATORS[evaluator_type]
-        if cfg.TEST.get(flag)
+        if outputs[flag]
     ]
     if not evaluators:
-        flags = ", ".join(
-            f"TEST.{f}={cfg.TEST.get(f)}" for f in (SEMANTIC, INSTANCE, PANOPTIC, SUPERPIXEL)
-        )
+        flags = ", ".join(f"TEST.{f}={on}" for f, on in outputs.items())
         supported = sorted({f for f, _ in EVALUATORS[evaluator_type]})
         raise KeyError(
             f"No evaluator for '{dataset_name}' (evaluator_type={evaluator_type}) with {flags}: "

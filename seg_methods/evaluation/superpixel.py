@@ -94,6 +94,12 @@ class SuperpixelEvaluator(DatasetEvaluator):
 
     Results: ``{"superpixel": {"ASA": %, "CO": %, "num_superpixels": mean count}}`` averaged over
     the images (ASA averaged over the ground truths of an image first).
+
+    Args:
+        dataset_name (str): the evaluated dataset (for messages).
+        distributed (bool): gather the per-image rows of every process on rank 0 before
+            averaging, so that a multi-process evaluation scores the whole test set (the other
+            ranks return ``{}``).
     """
 
     def __init__(self, dataset_name: str, distributed: bool = True):

@@ -1,5 +1,7 @@
-"""Position-sensitive axial attention (Axial-DeepLab, Wang et al. ECCV 2020) and an axial
-bottleneck block, shared by CMT-DeepLab (backbone and decoder) and ClustSeg (pixel decoder).
+"""Position-sensitive axial attention (Axial-DeepLab, Wang et al. ECCV 2020) and the bottleneck
+residual blocks built on one shared plumbing (:class:`BottleneckResidual`): the axial bottleneck
+:class:`AxialBlock` and its convolutional twin :class:`ConvBottleneck`. Shared by CMT-DeepLab
+(Axial-ResNet backbone and decoder) and ClustSeg (pixel decoder).
 
 Axial-DeepLab Eq. 2 (position-sensitive self-attention restricted to a 1 x m span along one axis):
 
@@ -29,6 +31,8 @@ __all__ = [
     "AxialAttention",
     "AxialAttention2D",
     "AxialBlock",
+    "BottleneckResidual",
+    "ConvBottleneck",
     "get_activation_module",
     "relative_offset_index",
 ]
@@ -267,21 +271,149 @@ def get_activation_module(name: str) -> nn.Module:
     return acts[name]()
 
 
-class AxialBlock(nn.Module):
-    """Axial bottleneck residual block (Axial-ResNet, Axial-DeepLab Sec. 3.2): the 3x3 convolution
-    of a ResNet bottleneck is replaced by a height-axis and a width-axis position-sensitive
-    attention layer.
+class BottleneckResidual(nn.Module):
+    """Plumbing of a ResNet bottleneck residual block around a spatial ``transform``.
 
     Layout::
 
-        x -> conv1x1(C_in -> C_b) -> norm -> act
-          -> AxialAttention(height) -> AxialAttention(width) [-> 2x2 avg-pool if stride 2] -> act
+        x -> conv1x1(C_in -> C_b) -> norm -> act -> transform (C_b -> C_b, stride) -> act
           -> conv1x1(C_b -> C_out) -> norm -> drop-path -> (+ shortcut(x)) -> act
 
-    The shortcut is the identity when C_in == C_out and stride == 1, otherwise avg-pool (stride)
-    followed by conv1x1 + norm. The last norm's weight is zero-initialised when
-    ``zero_init_residual`` (our default, as is common for ResNet bottlenecks), so a fresh block is
-    the identity map followed by the activation.
+    A subclass builds ``transform`` (a 3x3 convolution in :class:`ConvBottleneck`, height + width
+    axial attention in :class:`AxialBlock`) and implements :meth:`transform`. The shortcut is the
+    identity when C_in == C_out and stride == 1; otherwise conv1x1 + norm, either strided
+    (``pool_shortcut=False``, the ResNet shortcut) or after a stride x stride average pooling
+    (``pool_shortcut=True``, Axial-DeepLab's). With ``zero_init_residual`` the last norm's weight
+    starts at zero, so a fresh block is the shortcut followed by the activation.
+
+    Attributes (parameter names): ``conv1``, ``conv3`` (detectron2 Conv2d with norm), ``shortcut``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        bottleneck_channels: int,
+        *,
+        stride: int = 1,
+        norm: str = "BN",
+        activation: str = "gelu",
+        drop_path: float = 0.0,
+        zero_init_residual: bool = True,
+        pool_shortcut: bool = False,
+    ):
+        """
+        Args:
+            in_channels (int): C_in.
+            out_channels (int): C_out.
+            bottleneck_channels (int): C_b, the width of ``transform``.
+            stride (int): stride of ``transform`` and of the shortcut.
+            norm (str): detectron2 ``get_norm`` name of the 1x1 convolutions ("" = none).
+            activation (str): "gelu" or "relu" (see :func:`get_activation_module`).
+            drop_path (float): stochastic-depth probability of the residual branch.
+            zero_init_residual (bool): zero-initialise the last norm's weight.
+            pool_shortcut (bool): average-pool then 1x1 conv (True) or strided 1x1 conv (False)
+                on a projection shortcut.
+        """
+        super().__init__()
+        self.conv1 = Conv2d(
+            in_channels,
+            bottleneck_channels,
+            1,
+            bias=not norm,
+            norm=get_norm(norm, bottleneck_channels),
+        )
+        self.conv3 = Conv2d(
+            bottleneck_channels, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels)
+        )
+        if in_channels == out_channels and stride == 1:
+            self.shortcut = nn.Identity()
+        elif pool_shortcut:
+            pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
+            proj = Conv2d(
+                in_channels, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels)
+            )
+            self.shortcut = nn.Sequential(pool, proj)
+        else:
+            self.shortcut = Conv2d(
+                in_channels,
+                out_channels,
+                1,
+                stride=stride,
+                bias=not norm,
+                norm=get_norm(norm, out_channels),
+            )
+        self.act1 = get_activation_module(activation)
+        self.act2 = get_activation_module(activation)
+        self.act3 = get_activation_module(activation)
+        self.drop_path = StochasticDepth(drop_path, mode="row")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        if zero_init_residual and self.conv3.norm is not None:
+            nn.init.zeros_(self.conv3.norm.weight)
+
+    def transform(self, y: Tensor) -> Tensor:
+        """(N, C_b, H, W) -> (N, C_b, ceil(H / stride), ceil(W / stride)); set by a subclass."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """
+        Args:
+            x (Tensor): (N, C_in, H, W).
+
+        Returns:
+            Tensor: (N, C_out, ceil(H / stride), ceil(W / stride)).
+        """
+        y = self.act1(self.conv1(x))
+        y = self.act2(self.transform(y))
+        y = self.drop_path(self.conv3(y))
+        return self.act3(y + self.shortcut(x))
+
+
+class ConvBottleneck(BottleneckResidual):
+    """ResNet bottleneck (1x1, 3x3 with stride, 1x1) with a configurable activation and drop-path:
+    :class:`BottleneckResidual` with a 3x3 convolution + norm (``conv2``) as the transform, the
+    width C_out // 4 and the strided 1x1 projection shortcut."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        stride: int = 1,
+        norm: str = "BN",
+        activation: str = "gelu",
+        drop_path: float = 0.0,
+    ):
+        """
+        Args:
+            in_channels (int): C_in.
+            out_channels (int): C_out; the bottleneck width is C_out // 4.
+            stride (int): stride of the 3x3 convolution.
+            norm, activation, drop_path: see :class:`BottleneckResidual`.
+        """
+        width = out_channels // 4
+        super().__init__(
+            in_channels,
+            out_channels,
+            width,
+            stride=stride,
+            norm=norm,
+            activation=activation,
+            drop_path=drop_path,
+        )
+        self.conv2 = Conv2d(
+            width, width, 3, stride=stride, padding=1, bias=not norm, norm=get_norm(norm, width)
+        )
+
+    def transform(self, y: Tensor) -> Tensor:
+        return self.conv2(y)
+
+
+class AxialBlock(BottleneckResidual):
+    """Axial bottleneck residual block (Axial-ResNet, Axial-DeepLab Sec. 3.2): the 3x3 convolution
+    of a ResNet bottleneck is replaced by a height-axis and a width-axis position-sensitive
+    attention layer (``attention``, an :class:`AxialAttention2D`); plumbing of
+    :class:`BottleneckResidual` with the average-pooling shortcut.
 
     Example (ClustSeg pixel decoder at stride 16 with 256 channels)::
 
@@ -321,14 +453,17 @@ class AxialBlock(nn.Module):
             positional (bool): position-sensitive terms r^q, r^k, r^v (Axial-DeepLab Eq. 2).
             zero_init_residual (bool): zero-initialise the last norm's weight.
         """
-        super().__init__()
         bottleneck_channels = bottleneck_channels or max(out_channels // 4, num_heads * 2)
-        self.conv1 = Conv2d(
+        super().__init__(
             in_channels,
+            out_channels,
             bottleneck_channels,
-            1,
-            bias=not norm,
-            norm=get_norm(norm, bottleneck_channels),
+            stride=stride,
+            norm=norm,
+            activation=activation,
+            drop_path=drop_path,
+            zero_init_residual=zero_init_residual,
+            pool_shortcut=True,
         )
         self.attention = AxialAttention2D(
             bottleneck_channels,
@@ -339,44 +474,6 @@ class AxialBlock(nn.Module):
             norm=norm,
             positional=positional,
         )
-        self.conv3 = Conv2d(
-            bottleneck_channels,
-            out_channels,
-            1,
-            bias=not norm,
-            norm=get_norm(norm, out_channels),
-        )
-        if in_channels != out_channels or stride != 1:
-            pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
-            self.shortcut = nn.Sequential(
-                pool,
-                Conv2d(
-                    in_channels,
-                    out_channels,
-                    1,
-                    bias=not norm,
-                    norm=get_norm(norm, out_channels),
-                ),
-            )
-        else:
-            self.shortcut = nn.Identity()
-        self.act1 = get_activation_module(activation)
-        self.act2 = get_activation_module(activation)
-        self.act3 = get_activation_module(activation)
-        self.drop_path = StochasticDepth(drop_path, mode="row")
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        if zero_init_residual and self.conv3.norm is not None:
-            nn.init.zeros_(self.conv3.norm.weight)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """
-        Args:
-            x (Tensor): (N, C_in, H, W).
-
-        Returns:
-            Tensor: (N, C_out, ceil(H / stride), ceil(W / stride)).
-        """
-        y = self.act1(self.conv1(x))
-        y = self.act2(self.attention(y))
-        y = self.drop_path(self.conv3(y))
-        return self.act3(y + self.shortcut(x))
+    def transform(self, y: Tensor) -> Tensor:
+        return self.attention(y)

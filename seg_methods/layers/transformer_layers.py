@@ -130,16 +130,28 @@ class FFNLayer(nn.Module):
 
 
 class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU between them (none after the last)."""
+    """``num_layers`` linear layers with an activation between them (none after the last).
 
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+    Args:
+        input_dim (int): input channels.
+        hidden_dim (int): channels of the hidden layers.
+        output_dim (int): output channels.
+        num_layers (int): number of linear layers (>= 1).
+        activation (str): "relu" (DETR / Mask2Former heads) or "gelu" (CMT-DeepLab).
+    """
+
+    def __init__(
+        self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int,
+        activation: str = "relu",
+    ):  # fmt: skip
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.activation = _activation(activation)
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = F.relu(x)
+                x = self.activation(x)
         return x

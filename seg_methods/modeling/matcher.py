@@ -24,7 +24,7 @@ from detectron2.config import configurable
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .criterion.losses import pairwise_dice_loss, pairwise_sigmoid_ce_loss, sample_mask_points
+from .point_losses import pairwise_dice_loss, pairwise_sigmoid_ce_loss, sample_mask_points
 
 __all__ = [
     "HungarianMatcher",
@@ -193,6 +193,12 @@ class HungarianMatcher(nn.Module):
                 empty = torch.zeros(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
+            if not bool(torch.isfinite(cost).all()):  # scipy would fail less clearly
+                raise FloatingPointError(
+                    f"HungarianMatcher: the matching cost of image {b} of the batch holds NaN or "
+                    "Inf: the model's class or mask predictions are not finite (diverged "
+                    "weights?)."
+                )
             rows, cols = linear_sum_assignment(cost.numpy())
             indices.append(
                 (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))

@@ -33,16 +33,37 @@ matching. A shape mismatch then raises only for pairs aligned through the domina
 ``backbone.`` + the checkpoint name) or with identical names; a short checkpoint name that
 happens to be the suffix of an unrelated head key (e.g. a classifier's ``norm.weight``) is a
 spurious candidate that detectron2 logs and skips, as before.
+
+Every file read here is also checked for NaN/Inf weights (:class:`NonFiniteWeightsError` names
+the tensors), and a truncated or corrupt file raises :class:`CheckpointReadError` naming it.
+
+Resuming (``resume_or_load(..., resume=True)`` with a ``last_checkpoint`` in ``save_dir``) loads
+the last checkpoint *exactly*: a missing or unexpected model key, or another shape, raises
+:class:`CheckpointMismatchError` (the folder holds another model's checkpoints). When the last
+checkpoint cannot be read (truncated by a crash while saving), the error names the newest
+earlier ``model_XXXXXXX.pth`` of the folder and how to resume from it; with
+``resume_fallback=True`` (``train_net.py --resume-fallback``) the checkpointer falls back to it
+automatically, with a warning.
+
+Other loaders. ``import seg_methods`` calls :func:`install_safe_loaders`, which routes the file
+reading of detectron2's ``DetectionCheckpointer`` (used by ``DefaultPredictor``,
+``DefaultTrainer`` and ``model_zoo``) and of fvcore's ``Checkpointer`` through the same safe
+readers, so that a weights file is never read with plain ``pickle`` or
+``torch.load(weights_only=False)`` in a process that imported seg_methods.
 """
 
 import codecs
 import collections
 import io
 import logging
+import os
 import pickle
 import re
+import struct
+import zipfile
 from collections import Counter
 from typing import IO, Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import torch
@@ -54,10 +75,18 @@ from detectron2.checkpoint.c2_model_loading import (
     convert_c2_detectron_names,
 )
 from detectron2.utils.file_io import PathManager
+from fvcore.common.checkpoint import Checkpointer as FvcoreCheckpointer
 
 __all__ = [
     "CheckpointSecurityError",
     "CheckpointMismatchError",
+    "CheckpointReadError",
+    "NonFiniteWeightsError",
+    "RandomWeightsError",
+    "check_finite_weights",
+    "require_weights",
+    "install_safe_loaders",
+    "safe_loaders_installed",
     "RestrictedUnpickler",
     "restricted_pickle_load",
     "torch_load_weights_only",
@@ -83,12 +112,46 @@ class CheckpointMismatchError(RuntimeError):
         incorrect_shapes (list[tuple[str, tuple, tuple]]): (model key, checkpoint shape,
             model shape) for each shape mismatch.
         missing_keys (list[str]): model keys absent from the checkpoint (strict loading only).
+        unexpected_keys (list[str]): checkpoint keys the model lacks (exact loading, i.e.
+            resuming, only).
     """
 
-    def __init__(self, message: str, incorrect_shapes=(), missing_keys=()):
+    def __init__(self, message: str, incorrect_shapes=(), missing_keys=(), unexpected_keys=()):
         super().__init__(message)
         self.incorrect_shapes = list(incorrect_shapes)
         self.missing_keys = list(missing_keys)
+        self.unexpected_keys = list(unexpected_keys)
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file exists but cannot be read: truncated, corrupt or not a checkpoint.
+
+    Attributes:
+        path (str): the file.
+        earlier (list[str]): for a resume, readable-looking earlier checkpoints of the same
+            folder (newest first); empty otherwise.
+    """
+
+    def __init__(self, message: str, path: str = "", earlier: Sequence[str] = ()):
+        super().__init__(message)
+        self.path = path
+        self.earlier = list(earlier)
+
+
+class NonFiniteWeightsError(ValueError):
+    """A checkpoint holds weights with NaN or Inf values.
+
+    Attributes:
+        names (list[str]): the checkpoint keys of the non-finite tensors.
+    """
+
+    def __init__(self, message: str, names: Sequence[str] = ()):
+        super().__init__(message)
+        self.names = list(names)
+
+
+class RandomWeightsError(ValueError):
+    """Evaluation or inference was asked for without weights (it would use random ones)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +190,7 @@ def _safe_torch_storage_from_bytes(data: bytes):
     # with torch's own restricted (weights-only) loader instead.
     if not isinstance(data, bytes):
         raise CheckpointSecurityError("torch storage blobs must be bytes")
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    return torch_load_weights_only(io.BytesIO(data), source="<tensor storage in a pickle>")
 
 
 def _allowed_globals() -> Dict[Tuple[str, str], Any]:
@@ -222,8 +285,33 @@ def _numpy_safe_globals() -> List[Any]:
     return items
 
 
+def _unreadable(source: str, error: BaseException) -> CheckpointReadError:
+    return CheckpointReadError(
+        f"Cannot read checkpoint '{source}': the file is truncated, corrupt or not a checkpoint "
+        f"({type(error).__name__}: {error})",
+        path=source,
+    )
+
+
+# What reading a truncated or corrupt file raises (torch's zip reader: RuntimeError, OSError;
+# legacy torch files and pickles: EOFError, UnpicklingError; numpy buffers: ValueError).
+_CORRUPT_FILE_ERRORS = (
+    EOFError,
+    RuntimeError,
+    OSError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    struct.error,
+)
+# OSErrors that are about the path, not the content: re-raised as they are.
+_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
 def torch_load_weights_only(f: Union[str, IO[bytes]], *, source: Optional[str] = None) -> Any:
     """``torch.load(f, weights_only=True)`` on the CPU, also accepting numpy arrays.
+
+    ``weights_only=True`` is passed explicitly, so that ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    (which only changes torch's default) cannot turn it off.
 
     Args:
         f (str or file-like): path or binary stream.
@@ -234,15 +322,54 @@ def torch_load_weights_only(f: Union[str, IO[bytes]], *, source: Optional[str] =
 
     Raises:
         CheckpointSecurityError: the file needs globals torch's weights-only loader refuses.
+        CheckpointReadError: the file is truncated or corrupt.
     """
     source = source or (f if isinstance(f, str) else "<stream>")
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointSecurityError(
-            f"Refusing to load '{source}' with torch.load(weights_only=True): {e}"
-        ) from e
+        if "weights only" in str(e).lower():
+            raise CheckpointSecurityError(
+                f"Refusing to load '{source}' with torch.load(weights_only=True): {e}"
+            ) from e
+        raise _unreadable(source, e) from e
+    except _PATH_ERRORS:
+        raise
+    except _CORRUPT_FILE_ERRORS as e:
+        raise _unreadable(source, e) from e
+
+
+def check_finite_weights(state: Dict[str, Any], source: str, limit: int = 20) -> None:
+    """Raise if a floating-point tensor or array of ``state`` holds NaN or Inf.
+
+    Args:
+        state (dict): name -> Tensor or ndarray (other values are ignored).
+        source (str): the file, for the message.
+        limit (int): at most this many names are listed in the message.
+
+    Raises:
+        NonFiniteWeightsError: naming every non-finite tensor (and how many values are bad).
+    """
+    bad = []  # (name, non-finite count, numel)
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() or value.is_complex():
+                finite = torch.isfinite(value)
+                if not bool(finite.all()):
+                    bad.append((name, int((~finite).sum()), value.numel()))
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "fc":
+            finite = np.isfinite(value)
+            if not finite.all():
+                bad.append((name, int((~finite).sum()), value.size))
+    if bad:
+        lines = [f"{n} ({k} of {total} values)" for n, k, total in bad]
+        raise NonFiniteWeightsError(
+            f"Refusing to load '{source}': {len(bad)} tensor(s) contain NaN or Inf values:\n"
+            + _format_key_list(lines, limit)
+            + "\n  Such weights come from a diverged training run; use an earlier checkpoint.",
+            names=[n for n, _, _ in bad],
+        )
 
 
 def _from_pickle_payload(data: Any, source: str) -> Dict[str, Any]:
@@ -261,7 +388,7 @@ def _from_pickle_payload(data: Any, source: str) -> Dict[str, Any]:
     return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
 
-def load_checkpoint_file(path: str) -> Dict[str, Any]:
+def load_checkpoint_file(path: str, *, check_finite: bool = True) -> Dict[str, Any]:
     """Read a checkpoint file safely into detectron2's checkpoint format.
 
     ``.pkl``: restricted unpickler; ``.pyth`` (pycls): weights-only ``torch.load`` of
@@ -269,26 +396,154 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
 
     Args:
         path (str): local path or any path detectron2's ``PathManager`` can open.
+        check_finite (bool): refuse weights with NaN/Inf values (:func:`check_finite_weights`).
 
     Returns:
         dict: ``{"model": {name: ndarray or Tensor}, ...}`` plus whatever else the file held
         (``"__author__"``, ``"matching_heuristics"``, optimizer state, ...).
+
+    Raises:
+        CheckpointSecurityError: the file needs code outside the allow-list to load.
+        CheckpointReadError: the file is truncated or corrupt.
+        NonFiniteWeightsError: ``check_finite`` and some weights are NaN or Inf.
     """
     if path.endswith(".pkl"):
         with PathManager.open(path, "rb") as f:
-            return _from_pickle_payload(restricted_pickle_load(f, source=path), path)
-    with PathManager.open(path, "rb") as f:
-        loaded = torch_load_weights_only(f, source=path)
-    if path.endswith(".pyth"):
-        if not isinstance(loaded, dict) or "model_state" not in loaded:
-            raise ValueError(f"Cannot load .pyth file {path}: pycls files hold 'model_state'.")
-        state = {
-            k: v for k, v in loaded["model_state"].items() if not k.endswith("num_batches_tracked")
-        }
-        return {"model": state, "__author__": "pycls", "matching_heuristics": True}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"'{path}' holds a {type(loaded).__name__}, expected a dict")
-    return loaded if "model" in loaded else {"model": loaded}
+            try:
+                payload = restricted_pickle_load(f, source=path)
+            except CheckpointSecurityError as e:
+                if path in str(e):
+                    raise
+                # raised for a tensor storage nested in the pickle: name the file too
+                raise CheckpointSecurityError(f"Refusing to load '{path}': {e}") from e
+            except _PATH_ERRORS:
+                raise
+            except _CORRUPT_FILE_ERRORS + (ValueError,) as e:
+                raise _unreadable(path, e) from e
+        data = _from_pickle_payload(payload, path)
+    else:
+        with PathManager.open(path, "rb") as f:
+            loaded = torch_load_weights_only(f, source=path)
+        if path.endswith(".pyth"):
+            if not isinstance(loaded, dict) or "model_state" not in loaded:
+                raise ValueError(f"Cannot load .pyth file {path}: pycls files hold 'model_state'.")
+            state = {
+                k: v
+                for k, v in loaded["model_state"].items()
+                if not k.endswith("num_batches_tracked")
+            }
+            data = {"model": state, "__author__": "pycls", "matching_heuristics": True}
+        else:
+            if not isinstance(loaded, dict):
+                raise ValueError(f"'{path}' holds a {type(loaded).__name__}, expected a dict")
+            data = loaded if "model" in loaded else {"model": loaded}
+    if check_finite and isinstance(data.get("model"), dict):
+        check_finite_weights(data["model"], path)
+    return data
+
+
+def _load_file_with_url_query(filename: str, parsed_url) -> Dict[str, Any]:
+    # DetectionCheckpointer._load_file's format handling with the safe readers: the optional
+    # "?matching_heuristics=True" query of ``DetectionCheckpointer.load`` applies to torch files.
+    loaded = load_checkpoint_file(filename)
+    if filename.endswith((".pkl", ".pyth")) or parsed_url is None:
+        return loaded
+    queries = parse_qs(parsed_url.query)
+    if queries.pop("matching_heuristics", "False") == ["True"]:
+        loaded["matching_heuristics"] = True
+    if queries:
+        raise ValueError(
+            f"Unsupported query remaining: {queries}, original filename: {parsed_url.geturl()}"
+        )
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------
+# Safe loaders for detectron2's and fvcore's checkpointers
+# --------------------------------------------------------------------------------------------
+def _safe_detection_load_file(self, filename: str) -> Dict[str, Any]:
+    """``DetectionCheckpointer._load_file`` with the safe readers (installed by
+    :func:`install_safe_loaders`)."""
+    return _load_file_with_url_query(filename, getattr(self, "_parsed_url_during_load", None))
+
+
+def _safe_torch_load(self, f: str) -> Any:
+    """``DetectionCheckpointer._torch_load`` with ``torch.load(weights_only=True)``."""
+    return torch_load_weights_only(f, source=f)
+
+
+def _safe_fvcore_load_file(self, f: str) -> Dict[str, Any]:
+    """fvcore ``Checkpointer._load_file`` (a torch file) with ``torch.load(weights_only=True)``
+    and the NaN/Inf check of the model weights."""
+    loaded = torch_load_weights_only(f, source=f)
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
+        check_finite_weights(loaded["model"], f)
+    return loaded
+
+
+for _fn in (_safe_detection_load_file, _safe_torch_load, _safe_fvcore_load_file):
+    _fn._seg_methods_safe_loader = True  # marks what install_safe_loaders installed
+
+
+def install_safe_loaders() -> None:
+    """Make detectron2's and fvcore's checkpointers read files with the safe readers.
+
+    Replaces, on the classes (so every existing and future instance and subclass that does not
+    override them is covered):
+
+    * ``DetectionCheckpointer._load_file`` (``.pkl``: restricted unpickler instead of
+      ``pickle.load``; ``.pyth`` and torch files: ``torch.load(weights_only=True)``) and
+      ``DetectionCheckpointer._torch_load``;
+    * fvcore's ``Checkpointer._load_file`` (``torch.load`` without ``weights_only``).
+
+    The loaders also refuse NaN/Inf weights and name truncated files (see the module
+    docstring). ``import seg_methods`` calls this; calling it again does nothing.
+    """
+    patches = (
+        (DetectionCheckpointer, "_load_file", _safe_detection_load_file),
+        (DetectionCheckpointer, "_torch_load", _safe_torch_load),
+        (FvcoreCheckpointer, "_load_file", _safe_fvcore_load_file),
+    )
+    for cls, name, fn in patches:
+        current = cls.__dict__.get(name)
+        if getattr(current, "_seg_methods_safe_loader", False):
+            continue
+        setattr(cls, name, fn)
+        logger.debug(f"seg_methods: {cls.__module__}.{cls.__name__}.{name} reads files safely")
+
+
+def safe_loaders_installed() -> bool:
+    """Whether :func:`install_safe_loaders` is in effect."""
+    return all(
+        getattr(cls.__dict__.get(name), "_seg_methods_safe_loader", False)
+        for cls, name in (
+            (DetectionCheckpointer, "_load_file"),
+            (DetectionCheckpointer, "_torch_load"),
+            (FvcoreCheckpointer, "_load_file"),
+        )
+    )
+
+
+def require_weights(weights: str, allow_random_weights: bool, *, how_to_allow: str) -> None:
+    """Refuse evaluation/inference without weights unless random weights are asked for.
+
+    Args:
+        weights (str): ``cfg.MODEL.WEIGHTS``.
+        allow_random_weights (bool): the user asked for random weights explicitly.
+        how_to_allow (str): how the user asks for them (e.g. "pass --random-weights").
+
+    Raises:
+        RandomWeightsError: ``weights`` is empty and random weights were not asked for.
+    """
+    if weights:
+        return
+    if not allow_random_weights:
+        raise RandomWeightsError(
+            "MODEL.WEIGHTS is empty: the model would run with random weights. Set MODEL.WEIGHTS "
+            f"to a checkpoint (e.g. OUTPUT_DIR/model_final.pth), or {how_to_allow} if random "
+            "weights are what you want."
+        )
+    logger.warning("MODEL.WEIGHTS is empty: running with RANDOM weights, as asked.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,11 +591,23 @@ def _format_key_list(lines: List[str], limit: int = 200) -> str:
     return shown
 
 
+_PERIODIC_NAME = re.compile(r"^model_(\d+)\.pth$")  # detectron2's PeriodicCheckpointer names
+
+
+def _checkpoint_order(basename: str) -> Optional[float]:
+    # Iteration of a checkpoint written by detectron2's PeriodicCheckpointer (model_final last).
+    if basename == "model_final.pth":
+        return float("inf")
+    m = _PERIODIC_NAME.match(basename)
+    return float(m.group(1)) if m else None
+
+
 class SegCheckpointer(DetectionCheckpointer):
     """detectron2's ``DetectionCheckpointer`` with safe file loading and fit checks.
 
-    See the module docstring for how to choose ``strict`` and ``allowed_shape_mismatch``.
-    Saving is unchanged (``torch.save`` of tensors and plain data, readable weights-only).
+    See the module docstring for how to choose ``strict`` and ``allowed_shape_mismatch``, and
+    for what resuming checks. Saving is unchanged (``torch.save`` of tensors and plain data,
+    readable weights-only).
     """
 
     def __init__(
@@ -350,6 +617,7 @@ class SegCheckpointer(DetectionCheckpointer):
         *,
         strict: bool = False,
         allowed_shape_mismatch: Sequence[str] = (),
+        resume_fallback: bool = False,
         save_to_disk: Optional[bool] = None,
         **checkpointables: Any,
     ):
@@ -361,43 +629,149 @@ class SegCheckpointer(DetectionCheckpointer):
                 (evaluation/inference); default False (training, fine-tuning).
             allowed_shape_mismatch (list[str]): regular expressions (``re.search`` on model keys)
                 of tensors that may have another shape in the checkpoint; they are skipped.
+            resume_fallback (bool): when resuming and the last checkpoint cannot be read
+                (truncated or corrupt), resume from the newest earlier readable
+                ``model_XXXXXXX.pth`` of ``save_dir`` (with a warning) instead of raising.
             save_to_disk (bool or None): as in ``DetectionCheckpointer``.
             checkpointables: objects with ``state_dict``/``load_state_dict`` (optimizer, ...).
         """
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.strict = strict
         self.allowed_shape_mismatch = [re.compile(p) for p in allowed_shape_mismatch]
+        self.resume_fallback = resume_fallback
         self._strict_during_load: Optional[bool] = None
+        self._exact_during_load = False
         self._path_during_load: Optional[str] = None
 
-    def load(self, path: str, *args: Any, strict: Optional[bool] = None, **kwargs: Any):
+    def load(
+        self,
+        path: str,
+        *args: Any,
+        strict: Optional[bool] = None,
+        exact: bool = False,
+        **kwargs: Any,
+    ):
         """Load a checkpoint (see ``DetectionCheckpointer.load``).
 
         Args:
             path (str): checkpoint path or URL; empty means "do not load".
             strict (bool or None): overrides the constructor's ``strict`` for this call.
+            exact (bool): the checkpoint must hold exactly the model's keys (missing *and*
+                unexpected keys raise); used when resuming.
 
         Returns:
             dict: checkpoint entries not consumed (e.g. ``iteration``).
 
         Raises:
+            FileNotFoundError: ``path`` is a local path that does not exist.
             CheckpointSecurityError: the file needs code outside the allow-list to load.
+            CheckpointReadError: the file is truncated or corrupt.
+            NonFiniteWeightsError: some weights are NaN or Inf.
             CheckpointMismatchError: shapes differ, or keys are missing under strict loading.
         """
+        local = urlparse(path)._replace(query="").geturl() if path else ""
+        if local and "://" not in local and not os.path.isfile(local):
+            raise FileNotFoundError(
+                f"Checkpoint '{path}' not found (MODEL.WEIGHTS, or the last_checkpoint file of "
+                "OUTPUT_DIR when resuming)."
+            )
         self._strict_during_load = self.strict if strict is None else strict
+        self._exact_during_load = exact
         self._path_during_load = path
         try:
             return super().load(path, *args, **kwargs)
         finally:
             self._strict_during_load = None
+            self._exact_during_load = False
             self._path_during_load = None
+            # detectron2 resets this only after a successful load; a failed one would make
+            # every later load() of this checkpointer fail its "is None" assertion.
+            self._parsed_url_during_load = None
+
+    def earlier_checkpoints(self, path: str) -> List[str]:
+        """Checkpoints of ``save_dir`` written before ``path`` by detectron2's
+        ``PeriodicCheckpointer`` (``model_XXXXXXX.pth``), newest first."""
+        order = _checkpoint_order(os.path.basename(path))
+        if not self.save_dir or not os.path.isdir(self.save_dir):
+            return []
+        found = []
+        for name in os.listdir(self.save_dir):
+            it = _checkpoint_order(name)
+            full = os.path.join(self.save_dir, name)
+            if it is None or it == float("inf") or os.path.abspath(full) == os.path.abspath(path):
+                continue
+            if order is None or it < order:
+                found.append((it, full))
+        return [f for _, f in sorted(found, reverse=True)]
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """Resume from ``save_dir``'s last checkpoint if ``resume`` and there is one, else load
+        the model weights of ``path`` (as detectron2).
+
+        Resuming loads exactly (see :meth:`load`'s ``exact``) and explains failures: another
+        model's checkpoint (:class:`CheckpointMismatchError`), or an unreadable last checkpoint
+        (:class:`CheckpointReadError` naming the earlier checkpoints; with
+        ``resume_fallback`` the newest readable one is used instead).
+        """
+        if not (resume and self.has_checkpoint()):
+            return self.load(path, checkpointables=[])
+        last = self.get_checkpoint_file()
+        try:
+            return self.load(last, strict=True, exact=True)
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(
+                f"Cannot resume from '{last}' (the last checkpoint of {self.save_dir}): it was "
+                "written by another model or another config.\n"
+                f"{e}\n  Train this config in another OUTPUT_DIR, or drop --resume to start "
+                f"from iteration 0 (MODEL.WEIGHTS {last} initialises from it if it fits).",
+                incorrect_shapes=e.incorrect_shapes,
+                missing_keys=e.missing_keys,
+                unexpected_keys=e.unexpected_keys,
+            ) from e
+        except (CheckpointReadError, FileNotFoundError) as e:
+            earlier = self.earlier_checkpoints(last)
+            if not (self.resume_fallback and earlier):
+                raise self._resume_read_error(last, e, earlier) from e
+            first_error = e
+        for candidate in earlier:
+            logger.warning(
+                f"Cannot read the last checkpoint '{last}' ({first_error}); resuming from the "
+                f"earlier checkpoint '{candidate}' instead (resume_fallback)."
+            )
+            try:
+                return self.load(candidate, strict=True, exact=True)
+            except CheckpointReadError as e:
+                first_error = e
+        raise self._resume_read_error(last, first_error, [])
+
+    def _resume_read_error(
+        self, last: str, error: Exception, earlier: List[str]
+    ) -> CheckpointReadError:
+        what = "does not exist" if isinstance(error, FileNotFoundError) else "cannot be read"
+        lines = [
+            f"Cannot resume: the last checkpoint '{last}' (named by "
+            f"{os.path.join(self.save_dir, 'last_checkpoint')}) {what}: {error}"
+        ]
+        if earlier:
+            previous = os.path.basename(earlier[0])
+            lines.append(
+                f"  The earlier checkpoint '{earlier[0]}' exists. To resume from it, run\n"
+                f"      echo {previous} > {os.path.join(self.save_dir, 'last_checkpoint')}\n"
+                "  and rerun with --resume, or add --resume-fallback (train_net.py; "
+                "resume_fallback=True in Python) to fall back to the newest readable earlier "
+                "checkpoint automatically."
+            )
+            if len(earlier) > 1:
+                lines.append(f"  Other earlier checkpoints: {', '.join(earlier[1:6])}")
+        else:
+            lines.append(
+                "  No earlier model_XXXXXXX.pth exists in that folder: drop --resume to train "
+                "from the start."
+            )
+        return CheckpointReadError("\n".join(lines), path=last, earlier=earlier)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        if filename.endswith(".pkl") or filename.endswith(".pyth"):
-            return load_checkpoint_file(filename)
-        # detectron2's generic branch: weights-only torch.load (through ``_torch_load``) and
-        # the "?matching_heuristics=True" URL query.
-        return super()._load_file(filename)
+        return _load_file_with_url_query(filename, self._parsed_url_during_load)
 
     def _torch_load(self, f: str) -> Any:
         return torch_load_weights_only(f, source=f)
@@ -472,8 +846,9 @@ class SegCheckpointer(DetectionCheckpointer):
             if k in model_state and tuple(v.shape) == tuple(model_state[k].shape)
         }
         missing = self._missing_keys(model_state, loaded) if strict else []
+        unexpected = sorted(set(state) - set(model_state)) if self._exact_during_load else []
 
-        if errors or missing:
+        if errors or missing or unexpected:
             parts = [f"Checkpoint '{source}' does not fit the model:"]
             if errors:
                 parts.append(
@@ -487,6 +862,11 @@ class SegCheckpointer(DetectionCheckpointer):
                     f"  {len(missing)} model key(s) are missing from the checkpoint "
                     "(strict loading):\n" + _format_key_list(missing)
                 )
+            if unexpected:
+                parts.append(
+                    f"  {len(unexpected)} checkpoint key(s) are not in the model:\n"
+                    + _format_key_list(unexpected)
+                )
             parts.append(
                 "  Nothing was loaded. Check the config (model size, window size, number of "
                 "classes) against the checkpoint; to skip shape mismatches on purpose pass "
@@ -497,5 +877,6 @@ class SegCheckpointer(DetectionCheckpointer):
                 "\n".join(parts),
                 incorrect_shapes=[(n, c, m) for n, c, m in errors],
                 missing_keys=missing,
+                unexpected_keys=unexpected,
             )
         return super()._load_model(checkpoint)

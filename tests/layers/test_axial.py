@@ -7,6 +7,8 @@ from seg_methods.layers.axial import (
     AxialAttention,
     AxialAttention2D,
     AxialBlock,
+    BottleneckResidual,
+    ConvBottleneck,
     relative_offset_index,
 )
 
@@ -153,3 +155,29 @@ def test_bad_arguments():
         AxialAttention(4, 6, num_heads=4)
     with pytest.raises(ValueError, match="norm"):
         AxialAttention(4, 8, num_heads=2, norm="GN")
+
+
+def test_conv_bottleneck_shares_the_residual_plumbing():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 7, 5)
+    # ResNet shortcut: strided 1x1 conv + norm; fresh block = act(shortcut(x)) (zero-init)
+    block = ConvBottleneck(8, 16, stride=2, activation="relu").eval()
+    assert isinstance(block, BottleneckResidual) and block.conv2.stride == (2, 2)
+    assert block.shortcut.stride == (2, 2)
+    torch.testing.assert_close(block(x), torch.relu(block.shortcut(x)))
+    assert block(x).shape == (2, 16, 4, 3)
+    # the residual branch is live once the last norm's scale is non-zero
+    with torch.no_grad():
+        block.conv3.norm.weight.fill_(1.0)
+    assert (block(x) - torch.relu(block.shortcut(x))).abs().max() > 1e-3
+    # identity shortcut when shapes match
+    assert isinstance(ConvBottleneck(8, 8).shortcut, torch.nn.Identity)
+
+
+def test_axial_block_keeps_its_parameter_names():
+    # the pooled shortcut (Axial-DeepLab) and the attention keep their checkpoint names
+    block = AxialBlock(8, 16, num_heads=2, span=3, stride=2)
+    keys = set(block.state_dict())
+    assert {"conv1.weight", "conv3.norm.weight", "shortcut.1.weight", "shortcut.1.norm.weight",
+            "attention.height_attention.qkv.weight"} <= keys  # fmt: skip
+    assert isinstance(block.shortcut[0], torch.nn.AvgPool2d)

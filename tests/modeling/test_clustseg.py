@@ -7,6 +7,8 @@
   bank, grid seeds, superpixel-count errors.
 * Decoder structure: six layers, two per level (coarse to fine), supervised E-steps.
 * A training step and an evaluation for every synthetic ClustSeg config on ``tiny_synthetic``.
+* Config checks at build time: the superpixel numbers (named keys), the superpixel task versus
+  TEST.SUPERPIXEL_ON, and the one deep-supervision switch (MODEL.MASK_CLS.DEEP_SUPERVISION).
 """
 
 import io
@@ -23,10 +25,13 @@ from seg_methods.config import get_cfg
 from seg_methods.data.build import build_dataset_mapper, build_test_loader
 from seg_methods.data.datasets.superpixel import register_synthetic_superpixel
 from seg_methods.evaluation import build_evaluator
+from seg_methods.config.clustseg import superpixel_on
+from seg_methods.evaluation.build import model_output_flags
+from seg_methods.modeling.criterion.superpixel import SuperpixelCriterion
+from seg_methods.modeling.superpixel_counts import check_num_superpixels
 from seg_methods.modeling.transformer_decoder.clustseg_layers import (
     DreamyStart,
     RecurrentCrossAttention,
-    check_num_superpixels,
     grid_seed_coords,
 )
 
@@ -459,3 +464,101 @@ def test_memory_bank_saved_and_loaded_by_the_checkpointer(tiny_names, tmp_path):
     ods = other.sem_seg_head.predictor.dreamy_start
     assert torch.equal(ods.memory, ds.memory) and torch.equal(ods.memory_count, ds.memory_count)
     assert torch.equal(ods.class_centres(), ds.class_centres())
+
+
+# --------------------------------------------------------------------------- config checks
+SP = "MODEL.CLUSTSEG.SUPERPIXEL."
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("TRAIN_NUM_RANGE", [10, 64], SP + r"TRAIN_NUM_RANGE: .*\[50, 2500\].*got 10"),
+        ("TRAIN_NUM_RANGE", [50, 3000], SP + r"TRAIN_NUM_RANGE: .*got 3000"),
+        (
+            "TRAIN_NUM_RANGE",
+            [200, 100],
+            SP + r"TRAIN_NUM_RANGE must be \[min, max\] with min <= max",
+        ),
+        ("TRAIN_NUM_RANGE", [100], SP + r"TRAIN_NUM_RANGE must be \[min, max\]"),
+        ("TEST_NUM", 20, SP + r"TEST_NUM: .*\[50, 2500\].*got 20"),
+    ],
+)
+@pytest.mark.parametrize("task", ["superpixel", "panoptic"])
+def test_superpixel_numbers_are_checked_when_the_model_is_built(
+    tiny_names, task, key, value, message
+):
+    cfg = _tiny_cfg(task, tiny_names)
+    cfg.MODEL.CLUSTSEG.SUPERPIXEL[key] = value
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg)
+
+
+def test_superpixel_output_is_derived_from_the_task(tiny_names):
+    cfg = _tiny_cfg("superpixel", tiny_names)
+    assert cfg.TEST.SUPERPIXEL_ON in (None, True)  # unset, or restated by the dataset's base
+    cfg.TEST.SUPERPIXEL_ON = None
+    assert superpixel_on(cfg) and model_output_flags(cfg)["SUPERPIXEL_ON"]
+    cfg = _tiny_cfg("panoptic", tiny_names)
+    assert not superpixel_on(cfg) and not model_output_flags(cfg)["SUPERPIXEL_ON"]
+    # another meta-architecture: an explicit flag is taken as given
+    cfg.MODEL.META_ARCHITECTURE = "Mask2Former"
+    cfg.TEST.SUPERPIXEL_ON = True
+    assert superpixel_on(cfg)
+
+
+@pytest.mark.parametrize("task, flag", [("superpixel", False), ("panoptic", True)])
+def test_a_contradicting_superpixel_flag_is_refused(tiny_names, tmp_path, task, flag):
+    cfg = _tiny_cfg(task, tiny_names)
+    cfg.OUTPUT_DIR = str(tmp_path)
+    cfg.TEST.SUPERPIXEL_ON = flag
+    message = r"TEST.SUPERPIXEL_ON=.* contradicts MODEL.CLUSTSEG.TASK="
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg)
+    with pytest.raises(ValueError, match=message):
+        build_evaluator(cfg, cfg.DATASETS.TEST[0])
+
+
+def test_one_deep_supervision_switch(tiny_names):
+    cfg = _tiny_cfg("panoptic", tiny_names)
+    cfg.MODEL.MASK_CLS.DEEP_SUPERVISION = False
+    model = build_model(cfg)
+    dec = model.sem_seg_head.predictor
+    assert dec.supervised_esteps() == []  # no E-step prediction at all, whatever ESTEP_SUPERVISION
+    assert dec.num_aux_outputs == 6 - 1 + 1  # initial prediction + 5 layer outputs
+    assert set(model.criterion.weight_dict) == {"loss_ce", "loss_mask", "loss_dice"}
+    cfg = _tiny_cfg("superpixel", tiny_names)
+    cfg.MODEL.MASK_CLS.DEEP_SUPERVISION = False
+    model = build_model(cfg)
+    assert isinstance(model.criterion, SuperpixelCriterion)
+    assert set(model.criterion.weight_dict) == {"loss_slic_ce", "loss_slic_pos", "loss_smooth_l1"}
+
+
+def test_superpixel_criterion_suffixes_and_weights():
+    torch.manual_seed(0)
+    crit = SuperpixelCriterion(
+        slic_weight=1.0, smooth_l1_weight=10.0, compactness=0.003, num_aux_outputs=2
+    )
+    assert crit.weight_dict == {
+        f"{k}{s}": w
+        for s in ("", "_0", "_1")
+        for k, w in (("loss_slic_ce", 1.0), ("loss_slic_pos", 1.0), ("loss_smooth_l1", 10.0))
+    }
+    final, aux0 = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    outputs = {"pred_masks": final, "aux_outputs": [{"pred_masks": aux0}, {"pred_masks": final}]}
+    regions = torch.arange(4).repeat_interleave(4).view(1, 1, 16).expand(1, 16, 16).contiguous()
+    targets = {"regions": regions, "image": torch.randn(1, 3, 16, 16)}
+    losses = crit(outputs, targets)
+    assert set(losses) == set(crit.weight_dict)
+    for k in ("loss_slic_ce", "loss_slic_pos", "loss_smooth_l1"):
+        assert torch.equal(losses[k], losses[k + "_1"])  # same prediction, same loss
+    weighted = crit.apply_weights(losses)
+    assert torch.equal(weighted["loss_smooth_l1_0"], 10.0 * losses["loss_smooth_l1_0"])
+    no_aux = SuperpixelCriterion(
+        slic_weight=1.0,
+        smooth_l1_weight=10.0,
+        compactness=0.003,
+        num_aux_outputs=2,
+        deep_supervision=False,
+    )
+    assert set(no_aux(outputs, targets)) == {"loss_slic_ce", "loss_slic_pos", "loss_smooth_l1"}

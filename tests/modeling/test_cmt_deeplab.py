@@ -15,6 +15,7 @@ from detectron2.utils.events import EventStorage
 from seg_methods.config import get_cfg
 from seg_methods.data.build import build_dataset_mapper
 from seg_methods.engine import build_checkpointer, build_predictor, evaluate_checkpoint
+from seg_methods.modeling.build import build_mask_cls_head
 from seg_methods.modeling.criterion.cmt_deeplab import (
     CMTDeepLabCriterion,
     mask_approximation_loss,
@@ -28,6 +29,7 @@ from seg_methods.modeling.criterion.pixel_contrastive import (
 )
 from seg_methods.modeling.postprocessing import mask_wise_merge, per_pixel_merge
 from seg_methods.modeling.transformer_decoder.cmt_deeplab_decoder import (
+    CMTDeepLabDecoder,
     CMTLayer,
     pixel_coordinates,
 )
@@ -105,9 +107,12 @@ def test_pq_style_matching_hand_built():
     gt = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])  # two GT masks
     probs = torch.tensor([[0.0, 0.0, 0.9, 0.9], [0.9, 0.9, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1]])
     logits = torch.log(torch.tensor([[0.1, 0.8, 0.1], [0.8, 0.1, 0.1], [0.3, 0.3, 0.4]]))
-    rows, cols = pq_style_matching(logits, probs, torch.tensor([0, 1]), gt)
+    match = pq_style_matching(logits, probs, torch.tensor([0, 1]), gt)
     # slot 1 covers GT 0 (class 0 prob 0.8), slot 0 covers GT 1 (class 1 prob 0.8)
-    assert rows.tolist() == [0, 1] and cols.tolist() == [1, 0]
+    assert match.pred_idx.tolist() == [0, 1] and match.gt_idx.tolist() == [1, 0]
+    # weights of the pairs: unsmoothed Dice 2 * 1.8 / (2 + 1.8) and p(c) = 0.8
+    torch.testing.assert_close(match.dice, torch.full((2,), 3.6 / 3.8))
+    torch.testing.assert_close(match.class_prob, torch.full((2,), 0.8))
 
 
 def test_targets_to_pixel_ids_resizes_and_marks_void():
@@ -149,6 +154,118 @@ def test_pixel_coordinates():
     c = pixel_coordinates(3, 5)
     assert c.shape == (2, 3, 5)
     assert c[0, :, 0].tolist() == [0.0, 0.5, 1.0] and c[1, 0].tolist() == [0, 0.25, 0.5, 0.75, 1]
+
+
+def test_eq12_pixel_stream_is_the_coord_convolved_features():
+    # Eq. 11-12: F^ = Conv(Concat(F, r^p)) replaces F for the whole layer, as C^ replaces C; the
+    # Eq. 8 update is added to F^. A fresh layer's update is zero (its BN scale starts at 0), so
+    # it returns F^ itself, which differs from F through the coordinate channels.
+    torch.manual_seed(0)
+    kw = dict(pixel_channels=8, hidden_dim=16, num_heads=2, dim_feedforward=32,
+              num_ref_points=4, cluster_impl="pytorch")  # fmt: skip
+    layer = CMTLayer(**kw).eval()
+    centers, pixels, embed = torch.randn(2, 5, 16), torch.randn(2, 8, 3, 5), torch.randn(2, 5, 8)
+    coords = pixel_coordinates(3, 5)[None].expand(2, -1, -1, -1)
+    with torch.no_grad():
+        _, px, _, _, _ = layer(centers, pixels, None, embed)
+        f_hat = layer.pixel_coord_conv(torch.cat([pixels, coords], dim=1))
+    torch.testing.assert_close(px, f_hat)
+    assert (px - pixels).abs().max() > 1e-4
+    # without location-sensitive clustering the pixel stream starts from F
+    plain = CMTLayer(**kw, location_sensitive=False).eval()
+    with torch.no_grad():
+        _, px_plain, _, _, _ = plain(centers, pixels, None, None)
+    torch.testing.assert_close(px_plain, pixels)
+
+
+# --------------------------------------------------------------------------- PQ-style loss
+def _one_image_targets(masks_hw, labels):
+    return [{"labels": torch.tensor(labels), "masks": torch.as_tensor(masks_hw, dtype=torch.bool)}]
+
+
+def test_pq_class_term_is_weighted_by_unsmoothed_dice():
+    # 1 x 4 image: GT mask of class 0 on pixels 0-1, pixels 2-3 void. Slot 0 takes 0.75 of
+    # pixels 0-1 (slot 1 the rest); slot 0 is matched.
+    masks = torch.tensor([[[1, 1, 0, 0]]])
+    mask_logits = torch.tensor([[math.log(3.0)] * 4, [0.0] * 4]).reshape(1, 2, 1, 4)
+    class_p = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])  # C = 2 + void
+    outputs = {"pred_logits": class_p.log()[None], "pred_masks": mask_logits}
+    crit = CMTDeepLabCriterion(num_classes=2, num_aux_outputs=0)
+    losses = crit(outputs, _one_image_targets(masks, [0]))
+    alpha, n = 0.75, 2
+    dice = 2 * 1.5 / (2 + 1.5)  # Eq. 6 Dice, no smoothing (the smoothed one is 4 / 4.5)
+    expected_cls = (alpha * dice * -math.log(0.6) + (1 - alpha) * -math.log(0.6)) / n
+    assert losses["loss_pq_class"].item() == pytest.approx(expected_cls, rel=1e-5)
+    # the Dice *loss* term keeps its +1 smoothing, weighted by the matched p(c)
+    expected_dice = alpha * 0.6 * (1 - (2 * 1.5 + 1) / (2 + 1.5 + 1)) / n
+    assert losses["loss_pq_dice"].item() == pytest.approx(expected_dice, rel=1e-5)
+
+
+def _swapped_aux_outputs():
+    """Final prediction: slot 0 <-> GT 0, slot 1 <-> GT 1; the auxiliary prediction has the two
+    slots swapped, so its own matching differs from the final one."""
+    masks = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 1, 1]]])  # two GT masks on a 1 x 4 image
+    final_masks = torch.tensor([[4.0, 4, 0, 0], [0, 0, 4, 4], [1, 1, 1, 1]]).reshape(1, 3, 1, 4)
+    final_cls = torch.tensor([[3.0, 0, 0], [0, 3, 0], [0, 0, 3]])[None]
+    aux_masks = final_masks[:, [1, 0, 2]]
+    aux_cls = final_cls[:, [1, 0, 2]]
+    outputs = {
+        "pred_logits": final_cls,
+        "pred_masks": final_masks,
+        "aux_outputs": [{"pred_logits": aux_cls, "pred_masks": aux_masks}],
+    }
+    return outputs, _one_image_targets(masks, [0, 1])
+
+
+def test_aux_outputs_reuse_the_final_matching_by_default(monkeypatch):
+    outputs, targets = _swapped_aux_outputs()
+    crit = CMTDeepLabCriterion(num_classes=2, num_aux_outputs=1)
+    assert crit.aux_matching == "final"
+    calls = []
+    real_match = CMTDeepLabCriterion.match
+
+    def counting_match(*args):
+        calls.append(1)
+        return real_match(*args)
+
+    monkeypatch.setattr(CMTDeepLabCriterion, "match", staticmethod(counting_match))
+    losses = crit(outputs, targets)
+    assert len(calls) == 1  # the final prediction only
+    # every auxiliary loss equals the loss computed with the final indices and weights
+    size = (1, 4)
+    gt_masks, gt_labels, ids, _ = targets_to_pixel_ids(targets, size, 2)
+    non_void = (ids >= 0).float()
+    final_logits = crit.mask_logits_at(outputs["pred_masks"], size)
+    final = real_match(outputs["pred_logits"], final_logits, gt_masks, gt_labels, non_void)
+    assert final[0].pred_idx.tolist() == [0, 1] and final[0].gt_idx.tolist() == [0, 1]
+    aux = outputs["aux_outputs"][0]
+    expected = crit.prediction_losses(
+        aux["pred_logits"], crit.mask_logits_at(aux["pred_masks"], size), final,
+        gt_masks, gt_labels, non_void,
+    )  # fmt: skip
+    for k, v in expected.items():
+        torch.testing.assert_close(losses[f"{k}_0"], v)
+    # the swapped auxiliary slots are wrong under the final matching: high mask-ID loss
+    assert losses["loss_mask_id_0"] > 10 * losses["loss_mask_id"]
+
+    # per-layer re-matching: the auxiliary prediction is matched on its own (slots swapped),
+    # so its losses equal the final prediction's
+    calls.clear()
+    per_layer = CMTDeepLabCriterion(num_classes=2, num_aux_outputs=1, aux_matching="per_layer")
+    losses_pl = per_layer(outputs, targets)
+    assert len(calls) == 2
+    for k in ("loss_pq_class", "loss_pq_dice", "loss_mask_id"):
+        torch.testing.assert_close(losses_pl[f"{k}_0"], losses_pl[k])
+    assert losses_pl["loss_mask_id_0"] < losses["loss_mask_id_0"]
+
+
+def test_deep_supervision_off_and_bad_aux_matching():
+    outputs, targets = _swapped_aux_outputs()
+    crit = CMTDeepLabCriterion(num_classes=2, num_aux_outputs=1, deep_supervision=False)
+    assert not any(k.endswith("_0") for k in crit.weight_dict)
+    assert set(crit(outputs, targets)) == {"loss_pq_class", "loss_pq_dice", "loss_mask_id"}
+    with pytest.raises(ValueError, match="MODEL.CMT_DEEPLAB.AUX_MATCHING"):
+        CMTDeepLabCriterion(num_classes=2, aux_matching="every")
 
 
 # --------------------------------------------------------------------------- inference
@@ -255,9 +372,9 @@ def test_cmt_deeplab_rfn_and_ablation_switches(tiny_synthetic):
         tiny_synthetic,
         **{
             "MODEL.BACKBONE.NAME": "AxialResNet",
-            "MODEL.CMT_DEEPLAB.AXIAL_RESNET.STEM_CHANNELS": 16,
-            "MODEL.CMT_DEEPLAB.AXIAL_RESNET.WIDTHS": [32, 64, 128, 256],
-            "MODEL.CMT_DEEPLAB.AXIAL_RESNET.NUM_HEADS": 2,
+            "MODEL.AXIAL_RESNET.STEM_CHANNELS": 16,
+            "MODEL.AXIAL_RESNET.WIDTHS": [32, 64, 128, 256],
+            "MODEL.AXIAL_RESNET.NUM_HEADS": 2,
             "MODEL.CMT_DEEPLAB.AXIAL_HEADS": 2,
             "MODEL.CMT_DEEPLAB.RFN": True,
             "MODEL.CMT_DEEPLAB.LOCATION_SENSITIVE": False,
@@ -305,3 +422,46 @@ def test_criterion_weights_follow_the_papers():
         "loss_pq_class_0": 3.0, "loss_pq_dice_0": 3.0, "loss_mask_id_0": 0.3, "loss_loc_0": 1.0,
         "loss_insdis": 1.0, "loss_sem": 1.0,
     }  # fmt: skip
+
+
+def test_config_nodes_and_head_registry(tiny_synthetic):
+    cfg = _tiny_cfg(
+        tiny_synthetic,
+        **{"MODEL.MASK_CLS.DEEP_SUPERVISION": False, "MODEL.CMT_DEEPLAB.AUX_MATCHING": "per_layer"},
+    )
+    # one knob per fact: deep supervision is the shared MASK_CLS key; the backbone has its node
+    assert "DEEP_SUPERVISION" not in cfg.MODEL.CMT_DEEPLAB
+    assert "AXIAL_RESNET" not in cfg.MODEL.CMT_DEEPLAB and cfg.MODEL.AXIAL_RESNET.DEPTH == 50
+    model = build_model(cfg)
+    assert isinstance(model.sem_seg_head, CMTDeepLabDecoder)
+    assert model.sem_seg_head.num_queries == 8
+    assert not model.criterion.deep_supervision and model.criterion.aux_matching == "per_layer"
+    assert not any(k.endswith("_0") for k in model.criterion.weight_dict)
+    # the head is built by name from its own from_config
+    shapes = model.backbone.output_shape()
+    head = build_mask_cls_head(cfg, "CMTDeepLabDecoder", shapes)
+    assert isinstance(head, CMTDeepLabDecoder) and head.mask_dim == 16
+    cfg.MODEL.CMT_DEEPLAB.HEAD_NAME = "NoSuchHead"
+    with pytest.raises(KeyError, match="MODEL.CMT_DEEPLAB.HEAD_NAME"):
+        build_model(cfg)
+
+
+def test_axial_resnet_reads_its_own_node():
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import build_backbone
+
+    cfg = get_cfg()
+    cfg.merge_from_list([
+        "MODEL.BACKBONE.NAME", "AxialResNet",
+        "MODEL.AXIAL_RESNET.STEM_CHANNELS", 8,
+        "MODEL.AXIAL_RESNET.WIDTHS", [16, 32, 64, 128],
+        "MODEL.AXIAL_RESNET.NUM_HEADS", 2,
+        "MODEL.AXIAL_RESNET.OUT_FEATURES", ["res3", "res5"],
+    ])  # fmt: skip
+    backbone = build_backbone(cfg, ShapeSpec(channels=3))
+    assert backbone.output_shape() == {
+        "res3": ShapeSpec(channels=32, stride=8),
+        "res5": ShapeSpec(channels=128, stride=32),
+    }
+    out = backbone(torch.randn(1, 3, 64, 96))
+    assert out["res5"].shape == (1, 128, 2, 3)

@@ -4,7 +4,9 @@ Covers Mask2Former (Cheng et al., CVPR 2022) Sec. 3.2: the masked-attention mask
 decoder's layer order (masked cross-attention, self-attention, FFN), the number of supervised
 predictions and the round-robin over the 1/32, 1/16, 1/8 levels; the sine positional encoding
 against a hand computation; the pixel decoder's output strides; and a training step plus
-inference of the whole model on the ``tiny_synthetic`` dataset.
+inference of the whole model on the ``tiny_synthetic`` dataset; the pixel decoder reads only its
+own config node (MODEL.MSDEFORM_PIXEL_DECODER) and the transformer decoder takes its input and
+mask-embedding channels from the pixel decoder.
 """
 
 import math
@@ -18,13 +20,16 @@ from detectron2.modeling import build_model
 from seg_methods.config import get_cfg
 from seg_methods.data.build import build_dataset_mapper
 from seg_methods.layers.position_encoding import PositionEmbeddingSine
+from seg_methods.modeling import build_pixel_decoder
 from seg_methods.modeling.pixel_decoder.msdeformattn import Mask2FormerMSDeformAttnPixelDecoder
 from seg_methods.modeling.transformer_decoder.mask2former_decoder import (
     Mask2FormerMaskedAttentionDecoder,
     masked_attention_mask,
 )
 
-SYNTHETIC_CONFIG = "configs/synthetic/panoptic-segmentation/mask2former/mask2former_R18_bs8_600it.yaml"
+SYNTHETIC_CONFIG = (
+    "configs/synthetic/panoptic-segmentation/mask2former/mask2former_R18_bs8_600it.yaml"
+)
 
 
 # --------------------------------------------------------------------------- attention mask
@@ -92,6 +97,46 @@ def _tiny_decoder(dec_layers=6, nheads=2, hidden=16, queries=4, classes=3):
         mask_dim=hidden,
         enforce_input_project=False,
     ).eval()
+
+
+PIXEL_DECODER_SHAPES = {
+    "res2": ShapeSpec(channels=8, stride=4),
+    "res3": ShapeSpec(channels=16, stride=8),
+    "res4": ShapeSpec(channels=32, stride=16),
+    "res5": ShapeSpec(channels=64, stride=32),
+}
+
+
+def test_pixel_decoder_is_built_from_its_own_config_node_only():
+    cfg = get_cfg()
+    # a second user of the encoder (e.g. Panoptic SegFormer) sets no Mask2Former key
+    cfg.MODEL.pop("MASK2FORMER")
+    d = cfg.MODEL.MSDEFORM_PIXEL_DECODER
+    d.CONVS_DIM, d.MASK_DIM, d.NHEADS, d.TRANSFORMER_ENC_LAYERS = 32, 16, 4, 2
+    d.ENC_DIM_FEEDFORWARD, d.ENC_N_POINTS, d.DEFORM_ATTN_IMPL = 64, 2, "pytorch"
+    pd = build_pixel_decoder(cfg, "Mask2FormerMSDeformAttnPixelDecoder", PIXEL_DECODER_SHAPES)
+    assert (pd.conv_dim, pd.mask_dim) == (32, 16)
+    assert len(pd.transformer.encoder.layers) == 2
+    attn = pd.transformer.encoder.layers[0].self_attn
+    assert (attn.n_heads, attn.n_points) == (4, 2)
+    assert pd.transformer.encoder.layers[0].linear1.out_features == 64
+    assert pd.transformer_in_features == ["res3", "res4", "res5"]
+
+
+def test_transformer_decoder_takes_channels_from_the_pixel_decoder():
+    cfg = get_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "Mask2Former"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    d = cfg.MODEL.MSDEFORM_PIXEL_DECODER
+    d.CONVS_DIM, d.MASK_DIM, d.TRANSFORMER_ENC_LAYERS = 64, 48, 1
+    cfg.MODEL.MASK2FORMER.HIDDEN_DIM = 32
+    cfg.MODEL.MASK2FORMER.DEC_LAYERS = 1
+    head = build_model(cfg).sem_seg_head
+    assert head.predictor.mask_embed.layers[-1].out_features == 48  # = MASK_DIM
+    assert head.predictor.input_proj[0].weight.shape == (32, 64, 1, 1)  # CONVS_DIM -> HIDDEN_DIM
 
 
 # pixel-decoder levels, low to high resolution: 1/32, 1/16, 1/8 of a 64x96 image
@@ -204,12 +249,7 @@ def test_position_encoding_without_normalisation_uses_raw_coordinates():
 # --------------------------------------------------------------------------- pixel decoder
 def test_pixel_decoder_output_strides():
     torch.manual_seed(0)
-    shapes = {
-        "res2": ShapeSpec(channels=8, stride=4),
-        "res3": ShapeSpec(channels=16, stride=8),
-        "res4": ShapeSpec(channels=32, stride=16),
-        "res5": ShapeSpec(channels=64, stride=32),
-    }
+    shapes = PIXEL_DECODER_SHAPES
     pd = Mask2FormerMSDeformAttnPixelDecoder(
         shapes,
         transformer_dropout=0.0,
@@ -253,13 +293,14 @@ def _tiny_cfg(tiny_synthetic):
             "INPUT.MIN_SIZE_TEST", 64,
             "INPUT.MAX_SIZE_TEST", 64,
             "MODEL.MASK2FORMER.HIDDEN_DIM", 32,
-            "MODEL.MASK2FORMER.CONVS_DIM", 32,
-            "MODEL.MASK2FORMER.MASK_DIM", 32,
+            "MODEL.MSDEFORM_PIXEL_DECODER.CONVS_DIM", 32,
+            "MODEL.MSDEFORM_PIXEL_DECODER.MASK_DIM", 32,
+            "MODEL.MSDEFORM_PIXEL_DECODER.NHEADS", 4,
             "MODEL.MASK2FORMER.NHEADS", 4,
             "MODEL.MASK2FORMER.NUM_OBJECT_QUERIES", 10,
             "MODEL.MASK2FORMER.DIM_FEEDFORWARD", 64,
-            "MODEL.MASK2FORMER.ENC_DIM_FEEDFORWARD", 64,
-            "MODEL.MASK2FORMER.TRANSFORMER_ENC_LAYERS", 1,
+            "MODEL.MSDEFORM_PIXEL_DECODER.ENC_DIM_FEEDFORWARD", 64,
+            "MODEL.MSDEFORM_PIXEL_DECODER.TRANSFORMER_ENC_LAYERS", 1,
             "MODEL.MASK2FORMER.DEC_LAYERS", 3,
             "MODEL.MASK_CLS.TRAIN_NUM_POINTS", 256,
         ]

@@ -259,3 +259,18 @@ def test_build_from_config():
     crit = build_set_criterion(cfg, num_classes=7, num_aux_outputs=9)
     assert set(crit.weight_dict) == {"loss_ce", "loss_mask", "loss_dice"}
     assert not crit.deep_supervision
+
+
+# --------------------------------------------------------------------------- shared structure
+def test_shared_weighting_and_reexported_point_functions():
+    from seg_methods.modeling import point_losses
+    from seg_methods.modeling.criterion import losses
+    from seg_methods.modeling.criterion.base import WeightedCriterion, expand_aux_weights
+
+    assert issubclass(SetCriterion, WeightedCriterion)
+    assert mask_cls_weight_dict(2.0, 5.0, 5.0, 2) == expand_aux_weights(
+        {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}, 2
+    )
+    # the matcher's point functions live below the criteria; the old import paths still work
+    for name in point_losses.__all__:
+        assert getattr(losses, name) is getattr(point_losses, name)

@@ -345,3 +345,75 @@ def test_mask2former_converter(tmp_path, capsys):
         (49, 1),
         (81, 1),
     ) in mismatched
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncated files, missing files, NaN weights in the converters
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["pkl", "legacy.pth", "zip.pth"])
+@pytest.mark.parametrize("cut", [0, 7, 0.5, -3])
+def test_truncated_files_raise_a_read_error_naming_them(fmt, cut, tmp_path):
+    from seg_methods.utils.checkpoint import CheckpointReadError
+
+    model = TinyNet()
+    path = tmp_path / f"w.{fmt}"
+    if fmt == "pkl":
+        path.write_bytes(pickle.dumps({"model": numpy_state(model), "__author__": "x"}))
+    else:
+        torch.save(
+            {"model": model.state_dict()},
+            str(path),
+            _use_new_zipfile_serialization=fmt == "zip.pth",
+        )
+    data = path.read_bytes()
+    n = int(len(data) * cut) if isinstance(cut, float) else (cut if cut >= 0 else len(data) + cut)
+    path.write_bytes(data[:n])
+    with pytest.raises(CheckpointReadError, match="truncated, corrupt or not a checkpoint") as e:
+        load_checkpoint_file(str(path))
+    assert e.value.path == str(path) and str(path) in str(e.value)
+    # the checkpointer can be used again after a failed load (detectron2 leaves state behind)
+    ckpt = SegCheckpointer(TinyNet(), strict=True)
+    with pytest.raises(CheckpointReadError):
+        ckpt.load(str(path))
+    good = tmp_path / "good.pth"
+    torch.save({"model": model.state_dict()}, str(good))
+    ckpt.load(str(good))
+
+
+def test_missing_file_is_a_file_not_found_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth.*MODEL.WEIGHTS"):
+        SegCheckpointer(TinyNet()).load(str(tmp_path / "nope.pth"))
+    SegCheckpointer(TinyNet()).load("")  # empty: nothing to load, as detectron2
+
+
+def test_earlier_checkpoints_newest_first(tmp_path):
+    for name in ["model_0000009.pth", "model_0000019.pth", "model_final.pth", "other.pth", "x"]:
+        (tmp_path / name).write_bytes(b"")
+    ckpt = SegCheckpointer(TinyNet(), str(tmp_path))
+    d = str(tmp_path)
+    final = os.path.join(d, "model_final.pth")
+    assert ckpt.earlier_checkpoints(final) == [
+        os.path.join(d, "model_0000019.pth"),
+        os.path.join(d, "model_0000009.pth"),
+    ]
+    assert ckpt.earlier_checkpoints(os.path.join(d, "model_0000019.pth")) == [
+        os.path.join(d, "model_0000009.pth")
+    ]
+    assert ckpt.earlier_checkpoints(os.path.join(d, "model_0000009.pth")) == []
+
+
+def test_converters_refuse_non_finite_weights(tmp_path):
+    from seg_methods.utils.checkpoint import NonFiniteWeightsError
+
+    state = imagenet_swin_pth(tmp_path / "ok.pth")
+    key = "patch_embed.proj.weight"
+    bad = {k: torch.as_tensor(v).clone() for k, v in state.items()}
+    bad[key].view(-1)[0] = float("nan")
+    torch.save({"model": bad}, str(tmp_path / "nan.pth"))
+    swin = load_tool("convert_swin_imagenet_to_d2")
+    with pytest.raises(NonFiniteWeightsError, match=f"nan.pth.*\n.*{key} \\(1 of "):
+        swin.main([str(tmp_path / "nan.pth"), str(tmp_path / "out.pkl")])
+    m2f = load_tool("convert_mask2former_weights")
+    with pytest.raises(NonFiniteWeightsError, match=key):
+        m2f.main([str(tmp_path / "nan.pth"), str(tmp_path / "out.pth")])
+    assert not (tmp_path / "out.pkl").exists() and not (tmp_path / "out.pth").exists()

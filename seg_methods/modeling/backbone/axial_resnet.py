@@ -5,7 +5,8 @@ back to Axial-ResNet-50" with blocks [3, 4, 6, 3] (stages 2-5), and scales stage
 for Axial-ResNet-104; activations are GeLU. Stages whose output stride is at least
 ``axial_beyond_stride`` are made of :class:`seg_methods.layers.AxialBlock` (the bottleneck with its
 3x3 convolution replaced by height and width axial attention); earlier stages use conv
-bottlenecks. The stem (three 3x3 convolutions, the first with stride 2, then 3x3 max-pooling) is
+bottlenecks (:class:`seg_methods.layers.axial.ConvBottleneck`, the same residual plumbing).
+The stem (three 3x3 convolutions, the first with stride 2, then 3x3 max-pooling) is
 our choice in the style of the Inception stem of MaX-DeepLab.
 
 The backbone optionally takes an extra stride-4 input added after the stem: the connection of the
@@ -19,83 +20,22 @@ from typing import Dict, List, Optional, Sequence
 
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import StochasticDepth
 
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from ...layers.axial import AxialBlock, get_activation_module
+from ...layers.axial import AxialBlock, ConvBottleneck, get_activation_module
 
-__all__ = ["AxialResNet", "ConvBottleneck", "AXIAL_RESNET_DEPTHS"]
+__all__ = ["AxialResNet", "AXIAL_RESNET_DEPTHS"]
 
 # blocks per stage (res2, res3, res4, res5)
 AXIAL_RESNET_DEPTHS = {50: (3, 4, 6, 3), 104: (3, 4, 24, 3)}
 
 
-class ConvBottleneck(nn.Module):
-    """ResNet bottleneck (1x1, 3x3 with stride, 1x1) with a configurable activation and drop-path.
-
-    Same layout as :class:`AxialBlock` with a 3x3 convolution in place of the axial attention.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        stride: int = 1,
-        norm: str = "BN",
-        activation: str = "gelu",
-        drop_path: float = 0.0,
-    ):
-        """
-        Args:
-            in_channels (int): C_in.
-            out_channels (int): C_out; the bottleneck width is C_out // 4.
-            stride (int): stride of the 3x3 convolution.
-            norm (str): detectron2 norm name.
-            activation (str): "gelu" or "relu".
-            drop_path (float): stochastic-depth probability of the residual branch.
-        """
-        super().__init__()
-        width = out_channels // 4
-        self.conv1 = Conv2d(in_channels, width, 1, bias=not norm, norm=get_norm(norm, width))
-        self.conv2 = Conv2d(
-            width, width, 3, stride=stride, padding=1, bias=not norm, norm=get_norm(norm, width)
-        )
-        self.conv3 = Conv2d(
-            width, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels)
-        )
-        if in_channels != out_channels or stride != 1:
-            self.shortcut = Conv2d(
-                in_channels,
-                out_channels,
-                1,
-                stride=stride,
-                bias=not norm,
-                norm=get_norm(norm, out_channels),
-            )
-        else:
-            self.shortcut = nn.Identity()
-        self.act1 = get_activation_module(activation)
-        self.act2 = get_activation_module(activation)
-        self.act3 = get_activation_module(activation)
-        self.drop_path = StochasticDepth(drop_path, mode="row")
-        if self.conv3.norm is not None:
-            nn.init.zeros_(self.conv3.norm.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, C_in, H, W) -> (N, C_out, ceil(H / stride), ceil(W / stride))."""
-        y = self.act1(self.conv1(x))
-        y = self.act2(self.conv2(y))
-        y = self.drop_path(self.conv3(y))
-        return self.act3(y + self.shortcut(x))
-
-
 @BACKBONE_REGISTRY.register()
 class AxialResNet(Backbone):
-    """Axial-ResNet-50 / -104 (configured by ``cfg.MODEL.CMT_DEEPLAB.AXIAL_RESNET``)."""
+    """Axial-ResNet-50 / -104 (configured by ``cfg.MODEL.AXIAL_RESNET``)."""
 
     @configurable
     def __init__(
@@ -133,7 +73,9 @@ class AxialResNet(Backbone):
         """
         super().__init__()
         if depth not in AXIAL_RESNET_DEPTHS:
-            raise ValueError(f"Axial-ResNet depth must be one of {sorted(AXIAL_RESNET_DEPTHS)}")
+            raise ValueError(
+                f"MODEL.AXIAL_RESNET.DEPTH must be one of {sorted(AXIAL_RESNET_DEPTHS)}, got {depth}"
+            )
         half = stem_channels // 2
         self.stem = nn.Sequential(
             Conv2d(in_channels, half, 3, 2, 1, bias=not norm, norm=get_norm(norm, half)),
@@ -155,7 +97,12 @@ class AxialResNet(Backbone):
             name, stride = f"res{s + 2}", 2 ** (s + 2)
             blocks = []
             for i in range(num_blocks):
-                block_stride = 2 if (i == 0 and s > 0) else 1
+                common = dict(
+                    stride=2 if (i == 0 and s > 0) else 1,
+                    norm=norm,
+                    activation=activation,
+                    drop_path=rates[k],
+                )
                 if stride >= axial_beyond_stride:
                     block = AxialBlock(
                         channels,
@@ -163,20 +110,10 @@ class AxialResNet(Backbone):
                         bottleneck_channels=width // axial_bottleneck_ratio,
                         num_heads=num_heads,
                         span=span,
-                        stride=block_stride,
-                        norm=norm,
-                        activation=activation,
-                        drop_path=rates[k],
+                        **common,
                     )
                 else:
-                    block = ConvBottleneck(
-                        channels,
-                        width,
-                        stride=block_stride,
-                        norm=norm,
-                        activation=activation,
-                        drop_path=rates[k],
-                    )
+                    block = ConvBottleneck(channels, width, **common)
                 blocks.append(block)
                 channels, k = width, k + 1
             self.add_module(name, nn.Sequential(*blocks))
@@ -187,11 +124,14 @@ class AxialResNet(Backbone):
         self._out_features = list(out_features)
         unknown = set(self._out_features) - set(self.stage_names)
         if unknown:
-            raise ValueError(f"unknown out_features {sorted(unknown)}")
+            raise ValueError(
+                f"MODEL.AXIAL_RESNET.OUT_FEATURES: unknown {sorted(unknown)}, expected a subset of "
+                f"{self.stage_names}"
+            )
 
     @classmethod
     def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
-        b = cfg.MODEL.CMT_DEEPLAB.AXIAL_RESNET
+        b = cfg.MODEL.AXIAL_RESNET
         return {
             "depth": b.DEPTH,
             "in_channels": input_shape.channels if input_shape is not None else 3,
@@ -230,16 +170,3 @@ class AxialResNet(Backbone):
             if name in self._out_features:
                 outputs[name] = y
         return outputs
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters of ``module`` (helper for tests and READMEs)."""
-    return sum(p.numel() for p in module.parameters())

@@ -2,20 +2,34 @@
 semantic loss, CMT-DeepLab's pixel-wise instance discrimination loss (Eq. 14) and mask
 approximation loss (Eq. 13).
 
-MaX-DeepLab (Wang et al., CVPR 2021) Sec. 3.2: masks are a softmax over the N mask slots per pixel;
-the similarity of prediction j and ground truth i is ``p_j(c_i) * Dice(m_i, m_j)``; Hungarian
-matching maximises it; the PQ-style loss is
+MaX-DeepLab (Wang et al., CVPR 2021) Sec. 3.2: masks are a softmax over the N mask slots per pixel.
+PQ = RQ x SQ; MaX-DeepLab takes the class probability as the RQ proxy and the Dice coefficient as
+the SQ proxy, so the similarity of prediction j and ground truth i is
 
-    L_pos = sum_i  p_sigma(i)(c_i) * (1 - Dice(m_i, m_sigma(i)))          (mask term)
+    sim(i, j) = p_j(c_i) * Dice(m_i, m_j),    Dice(g, p) = 2 |g p| / (|g| + |p|)
+
+(no smoothing: the similarity is the PQ proxy itself; a 1e-6 floor on the denominator only
+guards empty masks). Hungarian matching sigma maximises sum_i sim(i, sigma(i)), and the PQ-style
+loss is
+
+    L_pos = sum_i  p_sigma(i)(c_i) * (1 - Dice_s(m_i, m_sigma(i)))        (mask term)
           + sum_i  Dice(m_i, m_sigma(i)) * (-log p_sigma(i)(c_i))         (class term)
     L_neg = sum_{j unmatched} -log p_j(void)
     L_PQ  = alpha * L_pos + (1 - alpha) * L_neg,   alpha = 0.75
 
-where the weights p and Dice are constants (no gradient). We write the mask term as
-``1 - Dice`` (constant 1 added, as deeplab2 does, so the loss is non-negative) and normalise both
-terms by the number of mask slots N, per image, then average over images (deeplab2's
-normalisation of the class term; the dice term follows it). Dice uses the softmax masks with void
-pixels zeroed and a +1 smoothing.
+where the weights p and Dice are constants (no gradient). The class term's weight is the same
+unsmoothed Dice as the matching's; only the Dice *loss* of the mask term uses the smoothed
+``Dice_s = (2 |g p| + 1) / (|g| + |p| + 1)`` (as deeplab2's mask Dice loss). We write the mask
+term as ``1 - Dice_s`` (constant 1 added, as deeplab2 does, so the loss is non-negative) and
+normalise both terms by the number of mask slots N, per image, then average over images
+(deeplab2's normalisation of the class term; the dice term follows it). Void pixels are zeroed in
+the softmax masks before any Dice.
+
+Deep supervision: the auxiliary (per-layer) predictions get the same losses (suffix ``_<i>``).
+With ``aux_matching="final"`` (default) they reuse the final prediction's matching sigma and its
+constant weights Dice(m_i, m_sigma(i)) and p_sigma(i)(c_i), as kMaX-DeepLab does by default
+(``SHARE_FINAL_MATCHING``; issue 7 attributes the same to MaX-DeepLab's reference); with
+``"per_layer"`` every auxiliary prediction is matched anew on its own masks and classes.
 
 Mask-ID cross-entropy: per non-void pixel, cross-entropy over the N slots of the slot matched to
 the pixel's ground-truth mask (pixels of unmatched ground truths are ignored); mean over pixels.
@@ -25,27 +39,35 @@ MaX-DeepLab (PQ 3.0, mask-ID 0.3, instance discrimination 1.0, semantic 1.0) and
 
 Shape shorthand:
     B: batch, N: mask slots (cluster centres), C: classes (logits have C + 1, last = void),
-    n: ground-truth masks of an image, h, w: prediction size, HW = h * w, M: reference points
+    n: ground-truth masks of an image, k: matched pairs (min(N, n)), h, w: prediction size,
+    HW = h * w, M: reference points
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
-from ..matcher import pairwise_class_cost
+from .base import WeightedCriterion, add_suffix, expand_aux_weights, supervised_outputs
 from .pixel_contrastive import pixel_instance_discrimination_loss
 
 __all__ = [
+    "AUX_MATCHING_MODES",
     "CMTDeepLabCriterion",
+    "PQMatch",
     "mask_extreme_points",
     "mask_approximation_loss",
+    "paired_soft_dice",
     "pairwise_soft_dice",
     "pq_style_matching",
     "targets_to_pixel_ids",
 ]
+
+AUX_MATCHING_MODES = ("final", "per_layer")
+
+_EPS = 1e-6  # floor of Dice denominators (empty masks); not a smoothing term
 
 
 def pairwise_soft_dice(gt_masks: Tensor, probs: Tensor, smooth: float = 0.0) -> Tensor:
@@ -54,20 +76,53 @@ def pairwise_soft_dice(gt_masks: Tensor, probs: Tensor, smooth: float = 0.0) -> 
     Args:
         gt_masks (Tensor): (n, HW) in {0, 1}.
         probs (Tensor): (N, HW) mask probabilities (void pixels already zeroed).
-        smooth (float): added to numerator and denominator.
+        smooth (float): added to numerator and denominator (0: the Dice coefficient itself).
 
     Returns:
         Tensor: (n, N) ``(2 |g p| + s) / (|g| + |p| + s)``.
     """
     inter = gt_masks @ probs.t()  # (n, N)
     denom = gt_masks.sum(1, keepdim=True) + probs.sum(1)[None, :]
-    return (2 * inter + smooth) / (denom + smooth).clamp(min=1e-6)
+    return (2 * inter + smooth) / (denom + smooth).clamp(min=_EPS)
+
+
+def paired_soft_dice(gt_masks: Tensor, probs: Tensor, smooth: float = 0.0) -> Tensor:
+    """Dice of k (ground truth, prediction) pairs, row i with row i.
+
+    Args:
+        gt_masks (Tensor): (k, HW) in {0, 1}.
+        probs (Tensor): (k, HW) mask probabilities (void pixels already zeroed).
+        smooth (float): as in :func:`pairwise_soft_dice`.
+
+    Returns:
+        Tensor: (k,) ``(2 |g p| + s) / (|g| + |p| + s)``.
+    """
+    inter = (gt_masks * probs).sum(1)  # (k,)
+    denom = gt_masks.sum(1) + probs.sum(1)
+    return (2 * inter + smooth) / (denom + smooth).clamp(min=_EPS)
+
+
+class PQMatch(NamedTuple):
+    """Hungarian matching of one image and its constant PQ-style loss weights.
+
+    Attributes:
+        pred_idx (Tensor): (k,) int64 matched slots sigma(i), increasing.
+        gt_idx (Tensor): (k,) int64 matched ground-truth masks i.
+        dice (Tensor): (k,) Dice(m_i, m_sigma(i)), unsmoothed, no gradient: the class-term
+            weight (SQ proxy).
+        class_prob (Tensor): (k,) p_sigma(i)(c_i), no gradient: the mask-term weight (RQ proxy).
+    """
+
+    pred_idx: Tensor
+    gt_idx: Tensor
+    dice: Tensor
+    class_prob: Tensor
 
 
 @torch.no_grad()
 def pq_style_matching(
     class_logits: Tensor, mask_probs: Tensor, labels: Tensor, gt_masks: Tensor
-) -> Tuple[Tensor, Tensor]:
+) -> PQMatch:
     """MaX-DeepLab's Hungarian matching maximising ``p_j(c_i) * Dice(m_i, m_j)`` for one image.
 
     Args:
@@ -77,16 +132,26 @@ def pq_style_matching(
         gt_masks (Tensor): (n, HW) binary float masks.
 
     Returns:
-        tuple: (pred_idx, gt_idx) int64 CPU tensors of length min(N, n), pred_idx increasing.
+        PQMatch: k = min(N, n) pairs on the device of ``class_logits``, with the unsmoothed Dice
+        and the class probability of every matched pair.
     """
+    device = class_logits.device
     if labels.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty.clone()
-    class_prob = -pairwise_class_cost(class_logits.float(), labels)  # (N, n): p_j(c_i)
-    dice = pairwise_soft_dice(gt_masks.float(), mask_probs.float()).t()  # (N, n)
-    cost = -(class_prob * dice)
-    rows, cols = linear_sum_assignment(cost.cpu().numpy())
-    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        zeros = torch.zeros(0, device=device)
+        return PQMatch(empty, empty.clone(), zeros, zeros.clone())
+    class_prob = class_logits.float().softmax(-1)[:, labels]  # (N, n): p_j(c_i)
+    dice = pairwise_soft_dice(gt_masks.float(), mask_probs.float()).t()  # (N, n), unsmoothed
+    similarity = class_prob * dice  # PQ proxy: RQ (class) x SQ (Dice)
+    if not bool(torch.isfinite(similarity).all()):  # scipy would fail less clearly
+        raise FloatingPointError(
+            "CMT-DeepLab PQ-style matching: the similarity holds NaN or Inf: the model's class or "
+            "mask predictions are not finite (diverged weights?)."
+        )
+    rows, cols = linear_sum_assignment(-similarity.cpu().numpy())
+    rows = torch.as_tensor(rows, dtype=torch.int64, device=device)
+    cols = torch.as_tensor(cols, dtype=torch.int64, device=device)
+    return PQMatch(rows, cols, dice[rows, cols], class_prob[rows, cols])
 
 
 def mask_extreme_points(masks: Tensor) -> Tensor:
@@ -184,9 +249,9 @@ def targets_to_pixel_ids(
     return masks_out, labels_out, torch.stack(ids_out), torch.stack(sem_out)
 
 
-class CMTDeepLabCriterion(nn.Module):
+class CMTDeepLabCriterion(WeightedCriterion):
     """All CMT-DeepLab losses; ``forward`` returns unweighted losses, :meth:`apply_weights`
-    multiplies them by ``weight_dict``.
+    (from :class:`WeightedCriterion`) multiplies them by ``weight_dict``.
 
     Loss names: "loss_pq_class", "loss_pq_dice", "loss_mask_id", "loss_loc" for the final
     prediction and with suffix ``_<i>`` for every auxiliary (per-layer) prediction, plus
@@ -208,6 +273,8 @@ class CMTDeepLabCriterion(nn.Module):
         insdis_sample_temperature: float = 1.0,
         deep_supervision: bool = True,
         num_aux_outputs: int = 0,
+        aux_matching: str = "final",
+        dice_smooth: float = 1.0,
     ):
         """
         Args:
@@ -216,94 +283,138 @@ class CMTDeepLabCriterion(nn.Module):
                 weights (MaX-DeepLab: 3.0, 0.3, 1.0, 1.0; CMT-DeepLab Eq. 13: 1.0).
             pq_alpha (float): alpha of the PQ-style loss (0.75).
             insdis_temperature, insdis_num_samples, insdis_sample_temperature: Eq. 14 settings.
-            deep_supervision (bool): supervise the auxiliary outputs.
+            deep_supervision (bool): supervise the auxiliary outputs
+                (``MODEL.MASK_CLS.DEEP_SUPERVISION``).
             num_aux_outputs (int): number of auxiliary outputs that receive weights.
+            aux_matching (str): "final" (auxiliary outputs reuse the final prediction's matching
+                and weights) or "per_layer" (each is matched anew);
+                ``MODEL.CMT_DEEPLAB.AUX_MATCHING``.
+            dice_smooth (float): smoothing of the Dice loss term only (1.0, as deeplab2).
         """
-        super().__init__()
-        self.num_classes = num_classes
-        self.pq_alpha = pq_alpha
-        self.insdis_temperature = insdis_temperature
-        self.insdis_num_samples = insdis_num_samples
-        self.insdis_sample_temperature = insdis_sample_temperature
-        self.deep_supervision = deep_supervision
+        if aux_matching not in AUX_MATCHING_MODES:
+            raise ValueError(
+                f"MODEL.CMT_DEEPLAB.AUX_MATCHING must be one of {AUX_MATCHING_MODES}, "
+                f"got {aux_matching!r}"
+            )
         per_output = {
             "loss_pq_class": pq_weight,
             "loss_pq_dice": pq_weight,
             "loss_mask_id": mask_id_weight,
             "loss_loc": loc_weight,
         }
-        weights = dict(per_output)
-        if deep_supervision:
-            for i in range(num_aux_outputs):
-                weights.update({f"{k}_{i}": v for k, v in per_output.items()})
-        weights["loss_insdis"] = insdis_weight
-        weights["loss_sem"] = sem_weight
-        self.weight_dict = {k: v for k, v in weights.items() if v > 0}
+        weights = expand_aux_weights(per_output, num_aux_outputs if deep_supervision else 0)
+        weights.update({"loss_insdis": insdis_weight, "loss_sem": sem_weight})
+        super().__init__({k: v for k, v in weights.items() if v > 0})
+        self.num_classes = num_classes
+        self.pq_alpha = pq_alpha
+        self.insdis_temperature = insdis_temperature
+        self.insdis_num_samples = insdis_num_samples
+        self.insdis_sample_temperature = insdis_sample_temperature
+        self.deep_supervision = deep_supervision
+        self.aux_matching = aux_matching
+        self.dice_smooth = dice_smooth
+
+    @staticmethod
+    def mask_logits_at(mask_logits: Tensor, size: Tuple[int, int]) -> Tensor:
+        """(B, N, h', w') mask logits -> (B, N, HW) float logits at ``size`` (bilinear)."""
+        if tuple(mask_logits.shape[-2:]) != tuple(size):
+            mask_logits = F.interpolate(
+                mask_logits, size=size, mode="bilinear", align_corners=False
+            )
+        return mask_logits.flatten(2).float()
+
+    @staticmethod
+    def match(
+        class_logits: Tensor,
+        logits: Tensor,
+        gt_masks: Sequence[Tensor],
+        gt_labels: Sequence[Tensor],
+        non_void: Tensor,
+    ) -> List[PQMatch]:
+        """:func:`pq_style_matching` of every image of a prediction.
+
+        Args:
+            class_logits (Tensor): (B, N, C + 1).
+            logits (Tensor): (B, N, HW) mask logits (softmax over N gives the masks).
+            gt_masks (list[Tensor]): per image (n, HW) binary float masks.
+            gt_labels (list[Tensor]): per image (n,) classes.
+            non_void (Tensor): (B, HW) 1 for non-void pixels.
+
+        Returns:
+            list[PQMatch]: one per image.
+        """
+        probs = logits.softmax(1) * non_void[:, None]  # (B, N, HW), void pixels zeroed
+        return [
+            pq_style_matching(
+                class_logits[b], probs[b], gt_labels[b].to(logits.device), gt_masks[b]
+            )
+            for b in range(logits.shape[0])
+        ]
 
     def prediction_losses(
         self,
         class_logits: Tensor,
-        mask_logits: Tensor,
+        logits: Tensor,
+        matches: Sequence[PQMatch],
         gt_masks: Sequence[Tensor],
         gt_labels: Sequence[Tensor],
+        non_void: Tensor,
         ref_points: Optional[Tensor] = None,
         gt_extremes: Optional[Sequence[Tensor]] = None,
-        size: Optional[Tuple[int, int]] = None,
     ) -> Dict[str, Tensor]:
-        """PQ-style, mask-ID and mask approximation losses of one prediction.
+        """PQ-style, mask-ID and mask approximation losses of one prediction, given a matching.
 
         Args:
             class_logits (Tensor): (B, N, C + 1).
-            mask_logits (Tensor): (B, N, h', w') logits; resized (bilinear) to ``size``.
-            gt_masks (list[Tensor]): per image (n, HW) binary float masks at ``size``.
+            logits (Tensor): (B, N, HW) mask logits at the ground-truth size.
+            matches (list[PQMatch]): per image matching and constant weights (this prediction's
+                own, or the final prediction's with ``aux_matching="final"``).
+            gt_masks (list[Tensor]): per image (n, HW) binary float masks.
             gt_labels (list[Tensor]): per image (n,) classes.
+            non_void (Tensor): (B, HW) 1 for non-void pixels.
             ref_points (Tensor or None): (B, N, 2M) reference masks (Eq. 10).
             gt_extremes (list[Tensor] or None): per image (n, 6) extreme points and centres.
-            size (tuple): (h, w) of the ground truth.
 
         Returns:
             dict[str, Tensor]: "loss_pq_class", "loss_pq_dice", "loss_mask_id" and, with
             reference points, "loss_loc".
         """
-        if tuple(mask_logits.shape[-2:]) != tuple(size):
-            mask_logits = F.interpolate(
-                mask_logits, size=size, mode="bilinear", align_corners=False
-            )
-        logits = mask_logits.flatten(2).float()  # (B, N, HW)
-        probs = logits.softmax(1)  # softmax over the N slots
         b_size, n_slots = logits.shape[:2]
-        alpha = self.pq_alpha
+        if class_logits.shape[1] != n_slots or len(matches) != b_size:
+            raise ValueError(
+                f"prediction with {class_logits.shape[1]} class / {n_slots} mask slots for "
+                f"{b_size} images does not fit a matching of {len(matches)} images"
+            )
+        probs = logits.softmax(1) * non_void[:, None]  # (B, N, HW), void pixels zeroed
+        alpha, device = self.pq_alpha, logits.device
         cls_losses, dice_losses, id_losses = [], [], []
         matched_refs, matched_ext = [], []
-        for b in range(b_size):
-            masks, labels = gt_masks[b], gt_labels[b].to(logits.device)
-            non_void = masks.amax(0) if masks.shape[0] else logits.new_zeros(logits.shape[-1])
-            p = probs[b] * non_void[None]  # (N, HW), void pixels zeroed
-            rows, cols = pq_style_matching(class_logits[b], p, labels, masks)
-            rows, cols = rows.to(logits.device), cols.to(logits.device)
+        for b, match in enumerate(matches):
+            masks, labels = gt_masks[b], gt_labels[b].to(device)
+            rows, cols = match.pred_idx.to(device), match.gt_idx.to(device)
             log_cls = F.log_softmax(class_logits[b].float(), dim=-1)  # (N, C + 1)
 
-            # class term: positives weighted by their (constant) dice, negatives -> void
-            dice = pairwise_soft_dice(masks[cols], p[rows], smooth=1.0).diagonal()  # (k,)
-            target = torch.full((n_slots,), self.num_classes, device=logits.device)
+            # class term: positives weighted by their constant, unsmoothed Dice,
+            # negatives -> void with weight 1 - alpha
+            target = torch.full((n_slots,), self.num_classes, device=device)
             target[rows] = labels[cols]
-            weight = torch.full((n_slots,), 1.0 - alpha, device=logits.device)
-            weight[rows] = alpha * dice.detach()
+            weight = torch.full((n_slots,), 1.0 - alpha, device=device)
+            weight[rows] = alpha * match.dice.to(device)
             nll = -log_cls.gather(1, target[:, None])[:, 0]  # (N,)
             cls_losses.append((weight * nll).sum() / n_slots)
 
-            # mask (dice) term: weighted by the (constant) matched class probability
-            class_prob = log_cls[rows, labels[cols]].exp().detach()
-            dice_losses.append(alpha * (class_prob * (1.0 - dice)).sum() / n_slots)
+            # mask term: smoothed Dice loss weighted by the constant matched class probability
+            dice_s = paired_soft_dice(masks[cols], probs[b][rows], smooth=self.dice_smooth)
+            class_prob = match.class_prob.to(device)
+            dice_losses.append(alpha * (class_prob * (1.0 - dice_s)).sum() / n_slots)
 
             # mask-ID cross-entropy over the slots, target = matched slot of the pixel's mask
-            slot_of_gt = torch.full((masks.shape[0],), -1, dtype=torch.int64, device=logits.device)
+            slot_of_gt = torch.full((masks.shape[0],), -1, dtype=torch.int64, device=device)
             slot_of_gt[cols] = rows
             if masks.shape[0]:
-                pixel_gt = masks.argmax(0)
-                pixel_slot = torch.where(non_void > 0, slot_of_gt[pixel_gt], -1)  # (HW,)
+                pixel_slot = torch.where(non_void[b] > 0, slot_of_gt[masks.argmax(0)], -1)
             else:
-                pixel_slot = torch.full_like(non_void, -1, dtype=torch.int64)
+                pixel_slot = torch.full_like(non_void[b], -1, dtype=torch.int64)
             if (pixel_slot >= 0).any():
                 id_losses.append(
                     F.cross_entropy(logits[b].t(), pixel_slot, ignore_index=-1, reduction="mean")
@@ -340,6 +451,7 @@ class CMTDeepLabCriterion(nn.Module):
         gt_masks, gt_labels, pixel_ids, pixel_sem = targets_to_pixel_ids(
             targets, size, self.num_classes
         )
+        non_void = (pixel_ids >= 0).float()  # (B, HW)
         gt_extremes = None
         if outputs.get("ref_points") is not None:
             gt_extremes = [
@@ -347,22 +459,30 @@ class CMTDeepLabCriterion(nn.Module):
                 for m in gt_masks
             ]
 
-        def one(pred):
+        losses: Dict[str, Tensor] = {}
+        final_matches = None
+        # final prediction first (suffix ""), then the auxiliary ones (suffix "_<i>")
+        for suffix, pred in supervised_outputs(outputs, self.deep_supervision):
+            logits = self.mask_logits_at(pred["pred_masks"], size)  # (B, N, HW)
+            if suffix and self.aux_matching == "final":
+                matches = final_matches  # the final prediction's matching and weights
+            else:
+                matches = self.match(pred["pred_logits"], logits, gt_masks, gt_labels, non_void)
+            if not suffix:
+                final_matches = matches
             refs = pred.get("ref_points")
-            return self.prediction_losses(
+            prediction = self.prediction_losses(
                 pred["pred_logits"],
-                pred["pred_masks"],
+                logits,
+                matches,
                 gt_masks,
                 gt_labels,
-                ref_points=refs,
-                gt_extremes=gt_extremes if refs is not None else None,
-                size=size,
+                non_void,
+                ref_points=refs if gt_extremes is not None else None,
+                gt_extremes=gt_extremes,
             )
+            losses.update(add_suffix(prediction, suffix))
 
-        losses = one(outputs)
-        if self.deep_supervision:
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                losses.update({f"{k}_{i}": v for k, v in one(aux).items()})
         if outputs.get("pixel_feature") is not None:
             losses["loss_insdis"] = pixel_instance_discrimination_loss(
                 outputs["pixel_feature"].flatten(2),
@@ -383,9 +503,8 @@ class CMTDeepLabCriterion(nn.Module):
                 losses["loss_sem"] = sem_logits.sum() * 0.0
         return losses
 
-    def apply_weights(self, losses: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """Multiply each loss by its weight; losses without a weight are dropped."""
-        return {k: v * self.weight_dict[k] for k, v in losses.items() if k in self.weight_dict}
-
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, weight_dict={self.weight_dict}"
+        return (
+            f"num_classes={self.num_classes}, aux_matching={self.aux_matching!r}, "
+            f"weight_dict={self.weight_dict}"
+        )

@@ -26,6 +26,8 @@ from detectron2.config import configurable
 from detectron2.utils.comm import get_world_size
 from torch import nn
 
+from ..matcher import HungarianMatcher
+from .base import WeightedCriterion, expand_aux_weights
 from .losses import point_sampled_mask_losses
 
 __all__ = ["SetCriterion", "build_set_criterion", "mask_cls_weight_dict", "padded_target_size"]
@@ -46,10 +48,7 @@ def mask_cls_weight_dict(
         dict[str, float]: {"loss_ce": ..., "loss_mask": ..., "loss_dice": ..., "loss_ce_0": ...}.
     """
     base = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
-    weights = dict(base)
-    for i in range(num_aux_outputs):
-        weights.update({f"{k}_{i}": v for k, v in base.items()})
-    return weights
+    return expand_aux_weights(base, num_aux_outputs)
 
 
 def padded_target_size(masks: Sequence[torch.Tensor]) -> Tuple[int, int]:
@@ -77,11 +76,12 @@ def _all_reduce_mean_num_masks(num_masks: int, device: torch.device) -> float:
     return torch.clamp(n / get_world_size(), min=1).item()
 
 
-class SetCriterion(nn.Module):
+class SetCriterion(WeightedCriterion):
     """Hungarian-matched classification + mask losses, with optional deep supervision.
 
     ``forward`` returns the *unweighted* losses (as Mask2Former's criterion does);
-    :meth:`apply_weights` multiplies them by ``weight_dict`` and drops the ones it lacks.
+    :meth:`apply_weights` (from :class:`WeightedCriterion`) multiplies them by ``weight_dict`` and
+    drops the ones it lacks.
     """
 
     @configurable
@@ -114,13 +114,12 @@ class SetCriterion(nn.Module):
             point_coords_fn (callable, optional): (M, 1, H, W) logits -> (M, P, 2) coordinates,
                 replacing importance sampling (tests pass fixed points).
         """
-        super().__init__()
+        super().__init__(weight_dict)
         unknown = set(losses) - {"labels", "masks"}
         if unknown:
             raise ValueError(f"unknown losses {sorted(unknown)}; expected 'labels' and/or 'masks'")
         self.num_classes = num_classes
         self.matcher = matcher
-        self.weight_dict = dict(weight_dict)
         self.eos_coef = eos_coef
         self.losses = list(losses)
         self.num_points = num_points
@@ -136,9 +135,6 @@ class SetCriterion(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, num_classes: int, num_aux_outputs: int):
-        # Imported here: matcher.py imports this package's losses module.
-        from ..matcher import HungarianMatcher
-
         m = cfg.MODEL.MASK_CLS
         num_aux = num_aux_outputs if m.DEEP_SUPERVISION else 0
         return {
@@ -252,35 +248,35 @@ class SetCriterion(nn.Module):
             dict[str, Tensor]: unweighted scalar losses "loss_ce", "loss_mask", "loss_dice" and,
             for auxiliary output i, "loss_ce_<i>", "loss_mask_<i>", "loss_dice_<i>".
         """
-        main_outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(main_outputs, targets)
-
         num_masks = _all_reduce_mean_num_masks(
             sum(len(t["labels"]) for t in targets), outputs["pred_logits"].device
         )
+        return self.deep_supervision_losses(
+            self.matched_losses,
+            outputs,
+            targets,
+            num_masks,
+            deep_supervision=self.deep_supervision,
+        )
 
-        losses = {}
-        for loss in self.losses:
-            losses.update(self.get_loss(loss, main_outputs, targets, indices, num_masks))
-
-        if self.deep_supervision:
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                aux_indices = self.matcher(aux, targets)  # every layer is matched on its own
-                for loss in self.losses:
-                    l_dict = self.get_loss(loss, aux, targets, aux_indices, num_masks)
-                    losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
-        return losses
-
-    def apply_weights(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Multiply each loss by its ``weight_dict`` entry; losses without an entry are dropped.
+    def matched_losses(
+        self, outputs: Dict, targets: List[Dict[str, torch.Tensor]], num_masks: float
+    ) -> Dict[str, torch.Tensor]:
+        """Match one prediction on its own, then compute its losses (unweighted, no suffix).
 
         Args:
-            losses (dict[str, Tensor]): output of :meth:`forward`.
+            outputs (dict): one prediction: "pred_logits" (B, Q, C + 1), "pred_masks" (B, Q, H, W).
+            targets (list[dict]): see :meth:`forward`.
+            num_masks (float): normaliser of the mask losses.
 
         Returns:
-            dict[str, Tensor]: the weighted losses (what a meta-architecture returns in training).
+            dict[str, Tensor]: "loss_ce", "loss_mask", "loss_dice" (those of ``self.losses``).
         """
-        return {k: v * self.weight_dict[k] for k, v in losses.items() if k in self.weight_dict}
+        indices = self.matcher(outputs, targets)  # every decoder layer is matched on its own
+        losses = {}
+        for loss in self.losses:
+            losses.update(self.get_loss(loss, outputs, targets, indices, num_masks))
+        return losses
 
     def extra_repr(self) -> str:
         return (

@@ -18,12 +18,20 @@ Shape shorthand:
     B: batch, K: superpixels, P: pixels of the stride-4 map (h * w), R: regions of an image
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Mapping, Tuple
 
 import torch
 from torch.nn import functional as F
 
-__all__ = ["soft_reconstruct", "slic_loss", "colour_smooth_l1_loss", "superpixel_losses"]
+from .base import WeightedCriterion, expand_aux_weights
+
+__all__ = [
+    "soft_reconstruct",
+    "slic_loss",
+    "colour_smooth_l1_loss",
+    "superpixel_losses",
+    "SuperpixelCriterion",
+]
 
 
 def soft_reconstruct(assign: torch.Tensor, feats: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -139,3 +147,60 @@ def superpixel_losses(
     colours = F.adaptive_avg_pool2d(image.float(), (h, w)).flatten(2)  # (B, 3, P)
     smooth = colour_smooth_l1_loss(assign, colours, labels >= 0)
     return {"loss_slic_ce": ce, "loss_slic_pos": pos, "loss_smooth_l1": smooth}
+
+
+class SuperpixelCriterion(WeightedCriterion):
+    """ClustSeg's superpixel losses on the final prediction and, with deep supervision, on every
+    auxiliary one (suffix ``_<i>``), weighted 1 x SLIC + 10 x smooth L1 (App. A.4).
+
+    ``forward`` returns the unweighted losses; :meth:`apply_weights` weighs them.
+
+    Args:
+        slic_weight (float): weight of "loss_slic_ce" and "loss_slic_pos".
+        smooth_l1_weight (float): weight of "loss_smooth_l1".
+        compactness (float): m of the SLIC loss.
+        num_aux_outputs (int): entries of the decoder's ``outputs["aux_outputs"]``.
+        deep_supervision (bool): also supervise the auxiliary outputs
+            (``MODEL.MASK_CLS.DEEP_SUPERVISION``, the same switch as the set criterion's).
+    """
+
+    def __init__(
+        self,
+        *,
+        slic_weight: float,
+        smooth_l1_weight: float,
+        compactness: float,
+        num_aux_outputs: int,
+        deep_supervision: bool = True,
+    ):
+        base = {
+            "loss_slic_ce": slic_weight,
+            "loss_slic_pos": slic_weight,
+            "loss_smooth_l1": smooth_l1_weight,
+        }
+        super().__init__(expand_aux_weights(base, num_aux_outputs if deep_supervision else 0))
+        self.compactness = compactness
+        self.deep_supervision = deep_supervision
+
+    def forward(self, outputs: Mapping, targets: Mapping) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs (dict): "pred_masks" (B, K, h', w') and optional "aux_outputs".
+            targets (dict): "regions" (B, H, W) int64 region ids (< 0 = void / padding) and
+                "image" (B, 3, H, W), the normalised input (the colours to reconstruct).
+
+        Returns:
+            dict[str, Tensor]: unweighted "loss_slic_ce", "loss_slic_pos", "loss_smooth_l1" and
+            their ``_<i>`` copies for the auxiliary outputs.
+        """
+        regions, image = targets["regions"], targets["image"]
+        return self.deep_supervision_losses(
+            lambda pred: superpixel_losses(
+                pred["pred_masks"], regions, image, compactness=self.compactness
+            ),
+            outputs,
+            deep_supervision=self.deep_supervision,
+        )
+
+    def extra_repr(self) -> str:
+        return f"compactness={self.compactness}, deep_supervision={self.deep_supervision}"

@@ -3,3 +3,4 @@ from .cmt_deeplab import CMTDeepLab  # noqa: F401
 from .mask2former import Mask2Former  # noqa: F401
 from .mask_classification import MaskClassificationModel  # noqa: F401
 from .clustseg import ClustSeg  # noqa: F401
+from .per_pixel import PerPixelSemanticModel  # noqa: F401

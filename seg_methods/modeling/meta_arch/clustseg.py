@@ -16,7 +16,7 @@ Shape shorthand:
     B: batch, K: clusters, H, W: padded input size
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from detectron2.config import configurable
@@ -24,13 +24,13 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torch import nn
 
-from ..build import build_pixel_decoder, build_transformer_decoder
+from ...config.clustseg import superpixel_on
 from ..criterion import build_set_criterion
-from ..criterion.superpixel import superpixel_losses
-from ..postprocessing import mask_cls_postprocess
+from ..criterion.superpixel import SuperpixelCriterion
 from ..postprocessing import output_sizes_from_inputs
 from ..postprocessing.superpixel import superpixel_inference
-from ..transformer_decoder.clustseg_layers import check_num_superpixels
+from ..superpixel_counts import check_num_superpixels, check_superpixel_range
+from .common import build_decoder_pair, require_inputs
 from .mask_classification import MaskClassificationModel
 
 
@@ -45,8 +45,9 @@ class ClustSegHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         m = cfg.MODEL.CLUSTSEG
-        pixel_decoder = build_pixel_decoder(cfg, m.PIXEL_DECODER_NAME, input_shape)
-        predictor = build_transformer_decoder(cfg, m.TRANSFORMER_DECODER_NAME, m.CONVS_DIM, True)
+        pixel_decoder, predictor = build_decoder_pair(
+            cfg, m.PIXEL_DECODER_NAME, m.TRANSFORMER_DECODER_NAME, input_shape
+        )
         return cls(pixel_decoder, predictor)
 
     def forward(self, features, targets=None, num_superpixels=None):
@@ -67,6 +68,8 @@ class ClustSeg(MaskClassificationModel):
 
     Superpixel task: inputs need "regions" (H, W) int64 in training (the "superpixel" mapper);
     an input may carry "num_superpixels" (int, 50..2500, the same for every image of a batch).
+    The criterion is then :class:`SuperpixelCriterion` and the targets are
+    ``{"regions": (B, H, W), "image": (B, 3, H, W)}``.
     """
 
     @configurable
@@ -76,8 +79,6 @@ class ClustSeg(MaskClassificationModel):
         task: str,
         superpixel_train_range: List[int],
         superpixel_test_num: int,
-        superpixel_loss_weights: Dict[str, float],
-        superpixel_compactness: float,
         **kwargs,
     ):
         """
@@ -85,41 +86,45 @@ class ClustSeg(MaskClassificationModel):
             task (str): "panoptic", "instance", "semantic" or "superpixel".
             superpixel_train_range (list[int]): [min, max] superpixels per training batch.
             superpixel_test_num (int): default number of superpixels at test time.
-            superpixel_loss_weights (dict): loss name -> weight (superpixel task).
-            superpixel_compactness (float): m of the SLIC loss.
-            **kwargs: :class:`MaskClassificationModel` arguments.
+            **kwargs: :class:`MaskClassificationModel` arguments (``criterion``: the set criterion,
+                or a :class:`SuperpixelCriterion` for the superpixel task).
         """
         super().__init__(**kwargs)
         self.task = task
-        self.superpixel_train_range = [int(v) for v in superpixel_train_range]
-        self.superpixel_test_num = int(superpixel_test_num)
-        self.superpixel_loss_weights = dict(superpixel_loss_weights)
-        self.superpixel_compactness = superpixel_compactness
+        self.superpixel_train_range = check_superpixel_range(
+            superpixel_train_range, "superpixel_train_range"
+        )
+        check_num_superpixels(superpixel_test_num, key="superpixel_test_num")
+        self.superpixel_test_num = superpixel_test_num
 
     @classmethod
     def from_config(cls, cfg):
         m = cfg.MODEL.CLUSTSEG
+        superpixel_on(cfg)  # refuses a TEST.SUPERPIXEL_ON that contradicts the task
+        sp = m.SUPERPIXEL
+        # validated here, not at the random iteration that first draws a bad count
+        train_range = check_superpixel_range(
+            sp.TRAIN_NUM_RANGE, "MODEL.CLUSTSEG.SUPERPIXEL.TRAIN_NUM_RANGE"
+        )
+        check_num_superpixels(sp.TEST_NUM, key="MODEL.CLUSTSEG.SUPERPIXEL.TEST_NUM")
         backbone = build_backbone(cfg)
         head = ClustSegHead.from_config(cfg, backbone.output_shape())
-        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-        criterion = build_set_criterion(cfg, num_classes, head.predictor.num_aux_outputs)
-        sp = m.SUPERPIXEL
-        weights = {
-            "loss_slic_ce": sp.SLIC_WEIGHT,
-            "loss_slic_pos": sp.SLIC_WEIGHT,
-            "loss_smooth_l1": sp.SMOOTH_L1_WEIGHT,
-        }
-        if len(sp.TRAIN_NUM_RANGE) != 2 or sp.TRAIN_NUM_RANGE[0] > sp.TRAIN_NUM_RANGE[1]:
-            raise ValueError(
-                f"SUPERPIXEL.TRAIN_NUM_RANGE must be [min, max], got " f"{sp.TRAIN_NUM_RANGE}"
+        num_aux = head.predictor.num_aux_outputs
+        if m.TASK == "superpixel":
+            criterion = SuperpixelCriterion(
+                slic_weight=sp.SLIC_WEIGHT,
+                smooth_l1_weight=sp.SMOOTH_L1_WEIGHT,
+                compactness=sp.COMPACTNESS,
+                num_aux_outputs=num_aux,
+                deep_supervision=cfg.MODEL.MASK_CLS.DEEP_SUPERVISION,
             )
+        else:
+            criterion = build_set_criterion(cfg, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, num_aux)
         return {
             **cls.base_kwargs(cfg, backbone, head, criterion, m.SIZE_DIVISIBILITY),
             "task": m.TASK,
-            "superpixel_train_range": list(sp.TRAIN_NUM_RANGE),
+            "superpixel_train_range": train_range,
             "superpixel_test_num": sp.TEST_NUM,
-            "superpixel_loss_weights": weights,
-            "superpixel_compactness": sp.COMPACTNESS,
         }
 
     # ------------------------------------------------------------------ superpixels
@@ -142,77 +147,48 @@ class ClustSeg(MaskClassificationModel):
         check_num_superpixels(k, num_pixels)
         return k
 
-    def superpixel_loss(self, outputs: Dict, batched_inputs: List[Dict], images) -> Dict:
-        if "regions" not in batched_inputs[0]:
-            raise ValueError(
-                "Training ClustSeg on superpixels needs 'regions' in every input; set "
-                "INPUT.DATASET_MAPPER_NAME='superpixel'"
-            )
+    # ------------------------------------------------------------------ hooks
+    def targets(self, batched_inputs: List[Dict], images):
+        """Superpixels: ``{"regions": (B, H, W) region ids (-1 on padding), "image": (B, 3, H, W)
+        normalised input}``; other tasks: the base's targets."""
+        if self.task != "superpixel":
+            return super().targets(batched_inputs, images)
+        require_inputs(
+            batched_inputs,
+            "regions",
+            "Training ClustSeg on superpixels",
+            "set INPUT.DATASET_MAPPER_NAME='superpixel'",
+        )
         h, w = images.tensor.shape[-2:]
         regions = torch.full((len(batched_inputs), h, w), -1, dtype=torch.long, device=self.device)
         for i, x in enumerate(batched_inputs):
             r = x["regions"].to(self.device)
             regions[i, : r.shape[0], : r.shape[1]] = r
-        preds = [outputs] + list(outputs.get("aux_outputs", []))
-        losses = {}
-        for i, p in enumerate(preds):
-            suffix = "" if i == 0 else f"_{i - 1}"
-            raw = superpixel_losses(
-                p["pred_masks"], regions, images.tensor, compactness=self.superpixel_compactness
-            )
-            for k, v in raw.items():
-                losses[k + suffix] = v * self.superpixel_loss_weights[k]
-        return losses
+        return {"regions": regions, "image": images.tensor}
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, batched_inputs: List[Dict]):
-        """
-        Args:
-            batched_inputs: dataset-mapper dicts ("image" and, in training, "instances" or, for
-                superpixels, "regions"; optional "num_superpixels", "height", "width").
-
-        Returns:
-            training: dict of weighted losses; inference: per image the outputs of the task
-            ("sem_seg" / "panoptic_seg" / "instances", or "superpixels" (height, width) int64).
-        """
-        images = self.preprocess_images(batched_inputs)
-        padded = tuple(images.tensor.shape[-2:])
+    def forward_head(self, images, batched_inputs: List[Dict], targets=None) -> Dict:
+        """Backbone + ClustSeg head; the head reads mask targets (memory bank) or K."""
         features = self.backbone(images.tensor)
-        k: Optional[int] = None
-        targets = None
         if self.task == "superpixel":
-            k = self.num_superpixels(batched_inputs, padded)
-        elif self.training:
-            if "instances" not in batched_inputs[0]:
-                raise ValueError(
-                    "Training a mask-classification model needs 'instances' (gt_classes, "
-                    "gt_masks) in every input; check cfg.INPUT.DATASET_MAPPER_NAME"
-                )
-            targets = self.prepare_targets(batched_inputs, padded, self.device)
-        outputs = self.sem_seg_head(features, targets=targets, num_superpixels=k)
-        if self.training:
-            if self.task == "superpixel":
-                return self.superpixel_loss(outputs, batched_inputs, images)
-            return self.criterion.apply_weights(self.criterion(outputs, targets))
+            k = self.num_superpixels(batched_inputs, tuple(images.tensor.shape[-2:]))
+            return self.sem_seg_head(features, num_superpixels=k)
+        return self.sem_seg_head(features, targets=targets)
+
+    def inference(self, outputs: Dict, images, batched_inputs: List[Dict]):
+        """Superpixels: {"superpixels": (height, width) int64}; other tasks: the base's."""
+        if self.task != "superpixel":
+            return super().inference(outputs, images, batched_inputs)
+        padded = tuple(images.tensor.shape[-2:])
         output_sizes = output_sizes_from_inputs(batched_inputs, images.image_sizes)
-        if self.task == "superpixel":
-            return [
-                {
-                    "superpixels": superpixel_inference(
-                        outputs["mask_embed"][i],
-                        outputs["mask_features"][i],
-                        padded,
-                        images.image_sizes[i],
-                        output_sizes[i],
-                    )
-                }
-                for i in range(len(batched_inputs))
-            ]
-        return mask_cls_postprocess(
-            outputs["pred_logits"],
-            outputs["pred_masks"],
-            padded_size=padded,
-            image_sizes=images.image_sizes,
-            output_sizes=output_sizes,
-            **self.postprocess_kwargs,
-        )
+        return [
+            {
+                "superpixels": superpixel_inference(
+                    outputs["mask_embed"][i],
+                    outputs["mask_features"][i],
+                    padded,
+                    images.image_sizes[i],
+                    output_sizes[i],
+                )
+            }
+            for i in range(len(batched_inputs))
+        ]

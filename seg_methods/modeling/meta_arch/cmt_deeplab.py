@@ -27,6 +27,7 @@ from detectron2.structures import ImageList
 from torch import nn
 from torch.nn import functional as F
 
+from ..build import build_mask_cls_head
 from ..criterion.cmt_deeplab import CMTDeepLabCriterion
 from ..postprocessing import (
     instance_inference,
@@ -34,38 +35,10 @@ from ..postprocessing import (
     output_sizes_from_inputs,
     per_pixel_merge,
 )
-from ..transformer_decoder.cmt_deeplab_decoder import CMTDeepLabDecoder
+from ..transformer_decoder import cmt_deeplab_decoder  # noqa: F401  (registers the head)
 from .mask_classification import MaskClassificationModel
 
-__all__ = ["CMTDeepLab", "cmt_deeplab_decoder_kwargs"]
-
-
-def cmt_deeplab_decoder_kwargs(cfg, input_shape) -> Dict:
-    """Keyword arguments of :class:`CMTDeepLabDecoder` from ``cfg.MODEL.CMT_DEEPLAB``."""
-    m = cfg.MODEL.CMT_DEEPLAB
-    return {
-        "input_shape": input_shape,
-        "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-        "num_queries": m.NUM_OBJECT_QUERIES,
-        "hidden_dim": m.HIDDEN_DIM,
-        "nheads": m.NHEADS,
-        "dim_feedforward": m.DIM_FEEDFORWARD,
-        "dec_in_features": m.DEC_IN_FEATURES,
-        "dec_blocks": m.DEC_BLOCKS,
-        "axial_heads": m.AXIAL_HEADS,
-        "axial_span": m.AXIAL_SPAN,
-        "axial_bottleneck_ratio": m.AXIAL_BOTTLENECK_RATIO,
-        "decoder_in_features": m.DECODER_IN_FEATURES,
-        "decoder_dim": m.DECODER_DIM,
-        "mask_dim": m.MASK_DIM,
-        "norm": m.NORM,
-        "activation": m.ACTIVATION,
-        "drop_path_rate": m.DROP_PATH_RATE,
-        "clustering_update": m.CLUSTERING_UPDATE,
-        "location_sensitive": m.LOCATION_SENSITIVE,
-        "num_ref_points": m.NUM_REF_POINTS,
-        "cluster_impl": m.CLUSTER_IMPL,
-    }
+__all__ = ["CMTDeepLab"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -89,8 +62,10 @@ class CMTDeepLab(MaskClassificationModel):
             panoptic_merge (str): "mask_wise" or "per_pixel".
             class_threshold (float): minimum class confidence of a panoptic segment.
             overlap_threshold (float): mask-wise merging overlap threshold.
-            **kwargs: see :class:`MaskClassificationModel` (``sem_seg_head`` is the
-                :class:`CMTDeepLabDecoder`, ``criterion`` the :class:`CMTDeepLabCriterion`).
+            **kwargs: see :class:`MaskClassificationModel` (``sem_seg_head`` is the head named by
+                ``MODEL.CMT_DEEPLAB.HEAD_NAME`` in MASK_CLS_HEAD_REGISTRY, by default
+                :class:`CMTDeepLabDecoder`, whose ``forward_features`` / ``predict`` interface it
+                must have; ``criterion`` the :class:`CMTDeepLabCriterion`).
         """
         super().__init__(**kwargs)
         if panoptic_merge not in ("mask_wise", "per_pixel"):
@@ -114,11 +89,17 @@ class CMTDeepLab(MaskClassificationModel):
     def from_config(cls, cfg):
         m = cfg.MODEL.CMT_DEEPLAB
         backbone = build_backbone(cfg)
-        head = CMTDeepLabDecoder(**cmt_deeplab_decoder_kwargs(cfg, backbone.output_shape()))
+
+        def build_head():
+            return build_mask_cls_head(
+                cfg, m.HEAD_NAME, backbone.output_shape(), "MODEL.CMT_DEEPLAB.HEAD_NAME"
+            )
+
+        head = build_head()
         rfn_backbone = rfn_head = None
         if m.RFN:
             rfn_backbone = build_backbone(cfg)
-            rfn_head = CMTDeepLabDecoder(**cmt_deeplab_decoder_kwargs(cfg, backbone.output_shape()))
+            rfn_head = build_head()
         # every CMT layer is supervised, those of both copies with RFN
         num_layers = sum(m.DEC_BLOCKS) * (2 if m.RFN else 1)
         criterion = CMTDeepLabCriterion(
@@ -132,8 +113,9 @@ class CMTDeepLab(MaskClassificationModel):
             insdis_temperature=m.INSDIS_TEMPERATURE,
             insdis_num_samples=m.INSDIS_NUM_SAMPLES,
             insdis_sample_temperature=m.INSDIS_SAMPLE_TEMPERATURE,
-            deep_supervision=m.DEEP_SUPERVISION,
+            deep_supervision=cfg.MODEL.MASK_CLS.DEEP_SUPERVISION,
             num_aux_outputs=num_layers,
+            aux_matching=m.AUX_MATCHING,
         )
         return {
             **cls.base_kwargs(cfg, backbone, head, criterion, m.SIZE_DIVISIBILITY),
@@ -144,7 +126,7 @@ class CMTDeepLab(MaskClassificationModel):
             "overlap_threshold": m.OVERLAP_THRESHOLD,
         }
 
-    def forward_head(self, images: ImageList, batched_inputs: List[Dict]) -> Dict:
+    def forward_head(self, images: ImageList, batched_inputs: List[Dict], targets=None) -> Dict:
         """Backbone + CMT decoder (twice with RFN); see :meth:`CMTDeepLabDecoder.predict`."""
         x = images.tensor
         pixels, centers, logits, _, layers = self.sem_seg_head.forward_features(self.backbone(x))
@@ -157,23 +139,6 @@ class CMTDeepLab(MaskClassificationModel):
         # the first copy's layers are supervised too
         out["aux_outputs"] = layers + out["aux_outputs"]
         return out
-
-    def losses(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList):
-        if "instances" not in batched_inputs[0]:
-            raise ValueError(
-                "Training CMT-DeepLab needs 'instances' (gt_classes, gt_masks) in every input; "
-                "check cfg.INPUT.DATASET_MAPPER_NAME"
-            )
-        targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:], self.device)
-        return self.criterion.apply_weights(self.criterion(outputs, targets))
-
-    def forward(self, batched_inputs: List[Dict]):
-        """See :meth:`MaskClassificationModel.forward`."""
-        images = self.preprocess_images(batched_inputs)
-        outputs = self.forward_head(images, batched_inputs)
-        if self.training:
-            return self.losses(outputs, batched_inputs, images)
-        return self.inference(outputs, images, batched_inputs)
 
     @torch.no_grad()
     def inference(self, outputs: Dict, images: ImageList, batched_inputs: List[Dict]):

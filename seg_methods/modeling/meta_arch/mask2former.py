@@ -15,8 +15,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torch import nn
 
-from ..build import build_pixel_decoder, build_transformer_decoder
 from ..criterion import build_set_criterion
+from .common import build_decoder_pair
 from .mask_classification import MaskClassificationModel
 
 
@@ -32,8 +32,9 @@ class Mask2FormerHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         m = cfg.MODEL.MASK2FORMER
-        pixel_decoder = build_pixel_decoder(cfg, m.PIXEL_DECODER_NAME, input_shape)
-        predictor = build_transformer_decoder(cfg, m.TRANSFORMER_DECODER_NAME, m.CONVS_DIM, True)
+        pixel_decoder, predictor = build_decoder_pair(
+            cfg, m.PIXEL_DECODER_NAME, m.TRANSFORMER_DECODER_NAME, input_shape
+        )
         return cls(pixel_decoder, predictor, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
 
     def forward(self, features):

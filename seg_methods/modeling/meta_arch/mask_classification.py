@@ -5,10 +5,15 @@ A subclass provides a backbone and a head returning ``{"pred_logits": (B, Q, K+1
 normalisation and padding, ground-truth preparation, the set criterion (Hungarian matching, class
 CE, point-sampled BCE + dice, deep supervision) and semantic / instance / panoptic inference.
 
+``forward`` exists only here. A method changes behaviour through four hooks, never by
+overriding ``forward``: :meth:`targets` (training ground truth), :meth:`forward_head`
+(backbone + head), :meth:`losses` and :meth:`inference`.
+
 Shape shorthand:
     B: batch, Q: queries, K: classes, N: ground-truth segments of an image,
     H, W: padded input size, h, w: mask-prediction size
 """
+
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -21,7 +26,7 @@ from ..postprocessing import (
     mask_cls_postprocess,
     output_sizes_from_inputs,
 )
-
+from .common import require_inputs
 
 
 class MaskClassificationModel(nn.Module):
@@ -79,8 +84,9 @@ class MaskClassificationModel(nn.Module):
 
     def preprocess_images(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalise and pad the images of a batch to a common, divisible size."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
-                  for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     @staticmethod
@@ -102,35 +108,32 @@ class MaskClassificationModel(nn.Module):
             targets.append({"labels": inst.gt_classes, "masks": padded})
         return targets
 
-    def forward_head(self, images: ImageList, batched_inputs: List[Dict]) -> Dict:
-        """Backbone + head; subclasses may override (e.g. to pass extra inputs)."""
+    # ------------------------------------------------------------------ hooks
+    # ``forward`` is written once, here; a method customises it through these four hooks only.
+    def targets(self, batched_inputs: List[Dict], images: ImageList):
+        """Hook: ground truth of a training batch, in the criterion's format.
+
+        Default: ``instances`` (gt_classes, gt_masks) of every input, masks zero-padded to the
+        padded input size (:meth:`prepare_targets`).
+        """
+        require_inputs(
+            batched_inputs,
+            "instances",
+            f"Training {type(self).__name__}",
+            "check cfg.INPUT.DATASET_MAPPER_NAME (a mapper producing gt_classes and gt_masks)",
+        )
+        return self.prepare_targets(batched_inputs, images.tensor.shape[-2:], self.device)
+
+    def forward_head(self, images: ImageList, batched_inputs: List[Dict], targets=None) -> Dict:
+        """Hook: backbone + head -> prediction dict. ``targets`` is None at inference."""
         return self.sem_seg_head(self.backbone(images.tensor))
 
-    def losses(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList):
-        """Weighted losses of the shared set criterion; losses without a weight are dropped."""
-        if "instances" not in batched_inputs[0]:
-            raise ValueError(
-                "Training a mask-classification model needs 'instances' (gt_classes, gt_masks) "
-                "in every input; check cfg.INPUT.DATASET_MAPPER_NAME"
-            )
-        targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:], self.device)
+    def losses(self, outputs: Dict, targets, batched_inputs: List[Dict], images: ImageList):
+        """Hook: weighted losses; default: the criterion's losses times its ``weight_dict``."""
         return self.criterion.apply_weights(self.criterion(outputs, targets))
 
-    def forward(self, batched_inputs: List[Dict]):
-        """
-        Args:
-            batched_inputs: list of dataset-mapper dicts with "image" (3, H, W) and, in training,
-                "instances" (gt_classes, gt_masks); "height"/"width" give the output size.
-
-        Returns:
-            training: dict of weighted losses; inference: one dict per image with "sem_seg"
-            (K, height, width), "panoptic_seg" (seg (height, width), segments_info) and/or
-            "instances", according to the task flags.
-        """
-        images = self.preprocess_images(batched_inputs)
-        outputs = self.forward_head(images, batched_inputs)
-        if self.training:
-            return self.losses(outputs, batched_inputs, images)
+    def inference(self, outputs: Dict, images: ImageList, batched_inputs: List[Dict]):
+        """Hook: per-image outputs; default: the shared mask-classification inference."""
         return mask_cls_postprocess(
             outputs["pred_logits"],
             outputs["pred_masks"],
@@ -139,3 +142,22 @@ class MaskClassificationModel(nn.Module):
             output_sizes=output_sizes_from_inputs(batched_inputs, images.image_sizes),
             **self.postprocess_kwargs,
         )
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: list of dataset-mapper dicts with "image" (3, H, W) and, in training,
+                the ground truth :meth:`targets` reads ("instances" by default); "height"/"width"
+                give the output size.
+
+        Returns:
+            training: dict of weighted losses; inference: one dict per image with "sem_seg"
+            (K, height, width), "panoptic_seg" (seg (height, width), segments_info) and/or
+            "instances", according to the task flags (or what :meth:`inference` returns).
+        """
+        images = self.preprocess_images(batched_inputs)
+        targets = self.targets(batched_inputs, images) if self.training else None
+        outputs = self.forward_head(images, batched_inputs, targets)
+        if self.training:
+            return self.losses(outputs, targets, batched_inputs, images)
+        return self.inference(outputs, images, batched_inputs)

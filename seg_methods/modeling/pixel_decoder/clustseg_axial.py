@@ -16,14 +16,14 @@ Shape shorthand:
 
 from typing import Dict, List
 
-import fvcore.nn.weight_init as weight_init
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from torch import nn
 from torch.nn import functional as F
 
 from ...layers.axial import AxialBlock
+from ...layers.multi_scale import c2_conv
 from ..build import PIXEL_DECODER_REGISTRY
 
 
@@ -71,14 +71,9 @@ class ClustSegAxialPixelDecoder(nn.Module):
             )
         if num_outputs > len(shapes):
             raise ValueError(f"num_outputs={num_outputs} > number of input features {len(shapes)}")
-        use_bias = norm == ""
-        self.input_proj = nn.ModuleList()
-        for _, spec in shapes:
-            proj = Conv2d(
-                spec.channels, conv_dim, kernel_size=1, bias=use_bias, norm=get_norm(norm, conv_dim)
-            )
-            weight_init.c2_xavier_fill(proj)
-            self.input_proj.append(proj)
+        self.input_proj = nn.ModuleList(
+            c2_conv(spec.channels, conv_dim, 1, norm=norm) for _, spec in shapes
+        )
         # axial stages at the coarsest levels (index 0 = 1/32)
         self.axial_stages = nn.ModuleList(
             nn.Sequential(
@@ -97,27 +92,18 @@ class ClustSegAxialPixelDecoder(nn.Module):
             for n in axial_blocks
         )
         # 3x3 output convs of the finer levels (after the top-down sum)
-        self.output_convs = nn.ModuleList()
-        for _ in range(len(shapes) - len(axial_blocks)):
-            conv = Conv2d(
-                conv_dim,
-                conv_dim,
-                kernel_size=3,
-                padding=1,
-                bias=use_bias,
-                norm=get_norm(norm, conv_dim),
-                activation=F.relu,
-            )
-            weight_init.c2_xavier_fill(conv)
-            self.output_convs.append(conv)
-        self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=1)
-        weight_init.c2_xavier_fill(self.mask_features)
+        self.output_convs = nn.ModuleList(
+            c2_conv(conv_dim, conv_dim, 3, norm=norm, activation=F.relu)
+            for _ in range(len(shapes) - len(axial_blocks))
+        )
+        self.mask_features = c2_conv(conv_dim, mask_dim, 1)
         self.num_outputs = num_outputs
+        self.conv_dim = conv_dim
         self.mask_dim = mask_dim
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        m = cfg.MODEL.CLUSTSEG
+        m = cfg.MODEL.AXIAL_PIXEL_DECODER
         return {
             "input_shape": {k: v for k, v in input_shape.items() if k in m.IN_FEATURES},
             "conv_dim": m.CONVS_DIM,

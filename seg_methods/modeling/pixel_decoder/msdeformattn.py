@@ -12,17 +12,18 @@ Shape shorthand:
     N: batch, C: conv_dim, S: tokens of all encoder levels, L: encoder levels (3),
     H_l, W_l: size of level l (levels ordered from low to high resolution inside the encoder)
 """
+
 import math
 from typing import Callable, Dict, List, Optional, Union
 
-import fvcore.nn.weight_init as weight_init
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from torch import nn
 from torch.nn import functional as F
 
 from ...layers.deform_attn import MSDeformAttn
+from ...layers.multi_scale import c2_conv, project_levels
 from ...layers.position_encoding import PositionEmbeddingSine
 from ..build import PIXEL_DECODER_REGISTRY
 
@@ -30,8 +31,9 @@ from ..build import PIXEL_DECODER_REGISTRY
 class MSDeformAttnEncoderLayer(nn.Module):
     """Deformable self-attention over all levels + FFN, post-norm (Deformable DETR encoder)."""
 
-    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4,
-                 impl="auto"):
+    def __init__(
+        self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, impl="auto"
+    ):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=impl)
         self.dropout1 = nn.Dropout(dropout)
@@ -42,8 +44,9 @@ class MSDeformAttnEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index,
-                padding_mask=None):
+    def forward(
+        self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None
+    ):
         """(N, S, C) -> (N, S, C); ``pos`` (N, S, C) is added to the queries only."""
         attn = self.self_attn(
             src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
@@ -93,8 +96,17 @@ class MSDeformAttnEncoderOnly(nn.Module):
     Attributes ``level_embed`` (L, C) and ``encoder`` match the public checkpoints.
     """
 
-    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, dim_feedforward=1024,
-                 dropout=0.1, num_feature_levels=4, enc_n_points=4, impl="auto"):
+    def __init__(
+        self,
+        d_model=256,
+        nhead=8,
+        num_encoder_layers=6,
+        dim_feedforward=1024,
+        dropout=0.1,
+        num_feature_levels=4,
+        enc_n_points=4,
+        impl="auto",
+    ):
         super().__init__()
         self.encoder = MSDeformAttnEncoder(
             num_encoder_layers,
@@ -188,7 +200,10 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
         enc_shapes = [(k, v) for k, v in shapes if k in transformer_in_features]
         if len(enc_shapes) != len(transformer_in_features):
             missing = set(transformer_in_features) - {k for k, _ in enc_shapes}
-            raise ValueError(f"Pixel decoder: encoder features {sorted(missing)} not in the input")
+            raise ValueError(
+                f"Pixel decoder: encoder features {sorted(missing)} (MODEL.MSDEFORM_PIXEL_DECODER."
+                "TRANSFORMER_IN_FEATURES) are not among its input features (IN_FEATURES)"
+            )
         self.transformer_in_features = [k for k, _ in enc_shapes]
         enc_channels = [v.channels for _, v in enc_shapes]
         enc_strides = [v.stride for _, v in enc_shapes]
@@ -215,23 +230,18 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
         )
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
 
+        self.conv_dim = conv_dim
         self.mask_dim = mask_dim
-        self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=1)
-        weight_init.c2_xavier_fill(self.mask_features)
+        self.mask_features = c2_conv(conv_dim, mask_dim, 1)
 
         self.num_outputs = num_outputs
         self.common_stride = common_stride
         # FPN levels between the finest encoder level and the mask-feature stride (1 for 1/8->1/4)
         self.num_fpn_levels = int(round(math.log2(min(enc_strides) / common_stride)))
-        use_bias = norm == ""
         lateral_convs, output_convs = [], []
         for idx, in_channels in enumerate(self.feature_channels[: self.num_fpn_levels]):
-            lateral = Conv2d(in_channels, conv_dim, kernel_size=1, bias=use_bias,
-                             norm=get_norm(norm, conv_dim))
-            output = Conv2d(conv_dim, conv_dim, kernel_size=3, padding=1, bias=use_bias,
-                            norm=get_norm(norm, conv_dim), activation=F.relu)
-            weight_init.c2_xavier_fill(lateral)
-            weight_init.c2_xavier_fill(output)
+            lateral = c2_conv(in_channels, conv_dim, 1, norm=norm)
+            output = c2_conv(conv_dim, conv_dim, 3, norm=norm, activation=F.relu)
             self.add_module(f"adapter_{idx + 1}", lateral)
             self.add_module(f"layer_{idx + 1}", output)
             lateral_convs.append(lateral)
@@ -242,7 +252,7 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        m = cfg.MODEL.MASK2FORMER
+        m = cfg.MODEL.MSDEFORM_PIXEL_DECODER
         return {
             "input_shape": {k: v for k, v in input_shape.items() if k in m.IN_FEATURES},
             "conv_dim": m.CONVS_DIM,
@@ -253,7 +263,7 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
             "transformer_dim_feedforward": m.ENC_DIM_FEEDFORWARD,
             "transformer_enc_layers": m.TRANSFORMER_ENC_LAYERS,
             "transformer_n_points": m.ENC_N_POINTS,
-            "transformer_in_features": m.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
+            "transformer_in_features": m.TRANSFORMER_IN_FEATURES,
             "common_stride": m.COMMON_STRIDE,
             "deform_attn_impl": m.DEFORM_ATTN_IMPL,
         }
@@ -269,11 +279,11 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
         """
         # The deformable encoder runs in float32 (sampling is not half-precision safe).
         with torch.autocast(device_type=next(iter(features.values())).device.type, enabled=False):
-            srcs, pos = [], []
-            for idx, name in enumerate(self.transformer_in_features[::-1]):  # low -> high res
-                x = features[name].float()
-                srcs.append(self.input_proj[idx](x))
-                pos.append(self.pe_layer(x))
+            srcs, pos = project_levels(
+                [features[name].float() for name in self.transformer_in_features[::-1]],
+                self.input_proj,
+                self.pe_layer,
+            )  # low -> high resolution; the level embeddings are added to pos in the encoder
             memory, spatial_shapes, level_start_index = self.transformer(srcs, pos)
             n = memory.shape[0]
             sizes = (spatial_shapes[:, 0] * spatial_shapes[:, 1]).tolist()
@@ -284,7 +294,8 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
             # FPN: add the higher-resolution backbone features not seen by the encoder
             for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
                 lat = self.lateral_convs[idx](features[name].float())
-                up = F.interpolate(outs[-1], size=lat.shape[-2:], mode="bilinear",
-                                   align_corners=False)
+                up = F.interpolate(
+                    outs[-1], size=lat.shape[-2:], mode="bilinear", align_corners=False
+                )
                 outs.append(self.output_convs[idx](lat + up))
             return self.mask_features(outs[-1]), outs[0], outs[: self.num_outputs]

@@ -11,3 +11,4 @@ from .mask_classification import (  # noqa: F401
     semantic_inference,
     thing_ids_from_metadata,
 )
+from .panoptic_segments import PanopticSegments  # noqa: F401

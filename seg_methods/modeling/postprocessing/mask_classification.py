@@ -20,13 +20,16 @@ Shape shorthand in this module:
     H, W: mask size (the output size for panoptic/instance)
 """
 
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.memory import retry_if_cuda_oom
+
+from ..metadata import thing_ids_from_metadata, train_thing_ids  # noqa: F401  (re-exported)
+from .panoptic_segments import PanopticSegments
 
 __all__ = [
     "semantic_inference",
@@ -84,7 +87,6 @@ def panoptic_inference(
     """
     if num_classes is None:
         num_classes = mask_cls.shape[-1] - 1
-    thing_ids = set(int(t) for t in thing_ids)
     scores, labels = F.softmax(mask_cls, dim=-1).max(-1)  # (Q,), (Q,)
     masks = mask_pred.sigmoid()  # (Q, H, W)
 
@@ -94,39 +96,27 @@ def panoptic_inference(
     cur_masks = masks[keep]  # (K, H, W)
     cur_prob_masks = cur_scores.view(-1, 1, 1) * cur_masks  # (K, H, W)
 
-    h, w = mask_pred.shape[-2:]
-    panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=mask_pred.device)
-    segments_info: List[Dict] = []
+    segments = PanopticSegments(
+        mask_pred.shape[-2:],
+        mask_pred.device,
+        thing_ids=thing_ids,
+        overlap_threshold=overlap_threshold,
+    )
     if cur_masks.shape[0] == 0:
-        return panoptic_seg, segments_info
+        return segments.result()
 
     cur_mask_ids = cur_prob_masks.argmax(0)  # (H, W) index into the kept queries
-    stuff_segment_ids: Dict[int, int] = {}  # stuff class -> its (single) segment id
-    current_segment_id = 0
     for k in range(cur_classes.shape[0]):
-        pred_class = int(cur_classes[k].item())
-        isthing = pred_class in thing_ids
         won = cur_mask_ids == k  # pixels where query k has the highest p * m
         own = cur_masks[k] >= 0.5
-        mask_area = int(won.sum().item())
-        original_area = int(own.sum().item())
-        mask = won & own
-        if mask_area == 0 or original_area == 0 or int(mask.sum().item()) == 0:
-            continue
-        # Note: the ratio uses the argmax area without the (m >= 0.5) condition.
-        if mask_area / original_area < overlap_threshold:
-            continue
-        if not isthing:
-            if pred_class in stuff_segment_ids:
-                panoptic_seg[mask] = stuff_segment_ids[pred_class]
-                continue
-            stuff_segment_ids[pred_class] = current_segment_id + 1
-        current_segment_id += 1
-        panoptic_seg[mask] = current_segment_id
-        segments_info.append(
-            {"id": current_segment_id, "isthing": bool(isthing), "category_id": pred_class}
+        # Note: the visible area is the argmax area without the (m >= 0.5) condition.
+        segments.add(
+            won & own,
+            int(cur_classes[k].item()),
+            visible_area=int(won.sum().item()),
+            original_area=int(own.sum().item()),
         )
-    return panoptic_seg, segments_info
+    return segments.result()
 
 
 def instance_inference(
@@ -303,19 +293,6 @@ def output_sizes_from_inputs(
     ]
 
 
-def thing_ids_from_metadata(metadata) -> Set[int]:
-    """Contiguous ids of the thing classes (``thing_dataset_id_to_contiguous_id.values()``).
-
-    Args:
-        metadata: a detectron2 ``Metadata``.
-
-    Returns:
-        set[int]: empty when the metadata has no thing mapping.
-    """
-    mapping = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
-    return set(int(v) for v in mapping.values()) if mapping else set()
-
-
 def mask_cls_inference_kwargs(cfg) -> Dict:
     """Keyword arguments of :func:`mask_cls_postprocess` from ``cfg``.
 
@@ -329,12 +306,7 @@ def mask_cls_inference_kwargs(cfg) -> Dict:
         dict: semantic_on, instance_on, panoptic_on, sem_seg_postprocess_before_inference,
         object_mask_threshold, overlap_threshold, test_topk_per_image, thing_ids.
     """
-    from detectron2.data import MetadataCatalog
-
     m = cfg.MODEL.MASK_CLS
-    thing_ids: Set[int] = set()
-    if len(cfg.DATASETS.TRAIN):
-        thing_ids = thing_ids_from_metadata(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]))
     return {
         "semantic_on": cfg.TEST.SEMANTIC_ON,
         "instance_on": cfg.TEST.INSTANCE_ON,
@@ -347,7 +319,7 @@ def mask_cls_inference_kwargs(cfg) -> Dict:
         "object_mask_threshold": m.OBJECT_MASK_THRESHOLD,
         "overlap_threshold": m.OVERLAP_THRESHOLD,
         "test_topk_per_image": m.TEST_TOPK_PER_IMAGE,
-        "thing_ids": thing_ids,
+        "thing_ids": train_thing_ids(cfg),
     }
 
 
@@ -380,38 +352,23 @@ def mask_wise_merge(
         "isthing", "category_id"}), in the format of :func:`panoptic_inference`.
     """
     num_classes = class_probs.shape[-1] - 1
-    thing_ids = set(int(t) for t in thing_ids)
     scores, labels = class_probs.max(-1)  # (Q,)
     keep = labels.ne(num_classes) & (scores > class_threshold)
-    h, w = mask_probs.shape[-2:]
-    panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=mask_probs.device)
-    segments_info: List[Dict] = []
+    segments = PanopticSegments(
+        mask_probs.shape[-2:],
+        mask_probs.device,
+        thing_ids=thing_ids,
+        overlap_threshold=overlap_threshold,
+    )
     if not bool(keep.any()):
-        return panoptic_seg, segments_info
+        return segments.result()
     own_ids = mask_probs.argmax(0)  # (H, W): raw argmax over all queries
     kept = keep.nonzero()[:, 0]
     won_ids = (scores[kept].view(-1, 1, 1) * mask_probs[kept]).argmax(0)  # (H, W) into kept
-    stuff_segment_ids: Dict[int, int] = {}
-    current = 0
     for k, q in enumerate(kept.tolist()):
-        pred_class = int(labels[q])
-        isthing = pred_class in thing_ids
         own = own_ids == q
-        won = won_ids == k
-        own_area = int(own.sum())
-        mask = won & own
-        area = int(mask.sum())
-        if own_area == 0 or area == 0 or area / own_area < overlap_threshold:
-            continue
-        if not isthing:
-            if pred_class in stuff_segment_ids:
-                panoptic_seg[mask] = stuff_segment_ids[pred_class]
-                continue
-            stuff_segment_ids[pred_class] = current + 1
-        current += 1
-        panoptic_seg[mask] = current
-        segments_info.append({"id": current, "isthing": bool(isthing), "category_id": pred_class})
-    return panoptic_seg, segments_info
+        segments.add((won_ids == k) & own, int(labels[q]), original_area=int(own.sum()))
+    return segments.result()
 
 
 def per_pixel_merge(
@@ -434,27 +391,11 @@ def per_pixel_merge(
     Returns:
         tuple: (panoptic_seg (H, W) int32, segments_info), as :func:`mask_wise_merge`.
     """
-    thing_ids = set(int(t) for t in thing_ids)
     num_classes = class_probs.shape[-1] - 1
     scores, labels = class_probs.max(-1)
     keep = labels.ne(num_classes) & (scores > class_threshold)
     ids = mask_probs.argmax(0)
-    panoptic_seg = torch.zeros(ids.shape, dtype=torch.int32, device=mask_probs.device)
-    segments_info: List[Dict] = []
-    stuff_segment_ids: Dict[int, int] = {}
-    current = 0
+    segments = PanopticSegments(ids.shape, mask_probs.device, thing_ids=thing_ids)
     for q in keep.nonzero()[:, 0].tolist():
-        mask = ids == q
-        if not bool(mask.any()):
-            continue
-        pred_class = int(labels[q])
-        isthing = pred_class in thing_ids
-        if not isthing and pred_class in stuff_segment_ids:
-            panoptic_seg[mask] = stuff_segment_ids[pred_class]
-            continue
-        current += 1
-        if not isthing:
-            stuff_segment_ids[pred_class] = current
-        panoptic_seg[mask] = current
-        segments_info.append({"id": current, "isthing": bool(isthing), "category_id": pred_class})
-    return panoptic_seg, segments_info
+        segments.add(ids == q, int(labels[q]))
+    return segments.result()

@@ -22,16 +22,15 @@ Shape shorthand:
 
 from typing import Dict, List, Optional, Sequence
 
-import fvcore.nn.weight_init as weight_init
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d
 from torch import nn
 
+from ...layers.multi_scale import level_input_projections, project_levels
 from ...layers.position_encoding import PositionEmbeddingSine
 from ...layers.transformer_layers import MLP, FFNLayer, SelfAttentionLayer
 from ..build import TRANSFORMER_DECODER_REGISTRY
-from ..postprocessing import mask_cls_inference_kwargs
+from ..metadata import train_thing_ids
 from .clustseg_layers import DreamyStart, RecurrentCrossAttention
 
 ESTEP_SUPERVISION = ("all", "last", "none")
@@ -87,6 +86,7 @@ class ClustSegRecurrentDecoder(nn.Module):
         scaled_affinity: bool,
         estep_supervision: str,
         dreamy_start: DreamyStart,
+        deep_supervision: bool = True,
         num_feature_levels: int = 3,
         cluster_impl: str = "auto",
     ):
@@ -107,8 +107,12 @@ class ClustSegRecurrentDecoder(nn.Module):
             num_iterations: T.
             m_step: "mean" or "sum".
             scaled_affinity: scale the affinities by d^-0.5.
-            estep_supervision: "all", "last" or "none".
+            estep_supervision: which E-steps of every layer are intermediate predictions:
+                "all", "last" or "none" (only the layer outputs).
             dreamy_start: the query initialiser.
+            deep_supervision: whether intermediate predictions are supervised at all
+                (``MODEL.MASK_CLS.DEEP_SUPERVISION``); without it no E-step prediction is made,
+                whatever ``estep_supervision`` says.
             num_feature_levels: pixel-decoder levels used (3).
             cluster_impl: implementation of the clustering ops.
         """
@@ -127,6 +131,7 @@ class ClustSegRecurrentDecoder(nn.Module):
         self.layers_per_level = layers_per_level
         self.num_feature_levels = num_feature_levels
         self.estep_supervision = estep_supervision
+        self.deep_supervision = deep_supervision
         self.cross_attention = cross_attention
         self.num_iterations = num_iterations
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
@@ -155,14 +160,7 @@ class ClustSegRecurrentDecoder(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.level_embed = nn.Embedding(num_feature_levels, hidden_dim)
-        self.input_proj = nn.ModuleList()
-        for _ in range(num_feature_levels):
-            if in_channels != hidden_dim:
-                proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
-                weight_init.c2_xavier_fill(proj)
-                self.input_proj.append(proj)
-            else:
-                self.input_proj.append(nn.Sequential())
+        self.input_proj = level_input_projections(in_channels, hidden_dim, num_feature_levels)
         # stride-4 mask features -> C for the superpixel seeds (Eq. 9)
         self.superpixel_proj = (
             nn.Conv2d(mask_dim, hidden_dim, 1)
@@ -173,11 +171,12 @@ class ClustSegRecurrentDecoder(nn.Module):
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
     @classmethod
-    def from_config(cls, cfg, in_channels, mask_classification, thing_ids=None):
+    def from_config(cls, cfg, in_channels, mask_classification, mask_dim: int, thing_ids=None):
+        """``in_channels`` and ``mask_dim`` come from the pixel decoder (its CONVS_DIM, MASK_DIM)."""
         m = cfg.MODEL.CLUSTSEG
         num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         if thing_ids is None:  # the thing classes of the first training dataset, if any
-            thing_ids = mask_cls_inference_kwargs(cfg)["thing_ids"]
+            thing_ids = train_thing_ids(cfg)
         if m.DEC_LAYERS < 1:
             raise ValueError(f"MODEL.CLUSTSEG.DEC_LAYERS must be >= 1, got {m.DEC_LAYERS}")
         dreamy = DreamyStart(
@@ -203,13 +202,14 @@ class ClustSegRecurrentDecoder(nn.Module):
             "layers_per_level": m.DEC_LAYERS_PER_LEVEL,
             "pre_norm": m.PRE_NORM,
             "dropout": m.DROPOUT,
-            "mask_dim": m.MASK_DIM,
+            "mask_dim": mask_dim,
             "cross_attention": m.CROSS_ATTENTION,
             "num_iterations": m.NUM_ITERATIONS,
             "m_step": m.M_STEP,
             "scaled_affinity": m.SCALED_AFFINITY,
             "estep_supervision": m.ESTEP_SUPERVISION,
             "dreamy_start": dreamy,
+            "deep_supervision": cfg.MODEL.MASK_CLS.DEEP_SUPERVISION,
         }
 
     # ------------------------------------------------------------------ structure
@@ -219,7 +219,11 @@ class ClustSegRecurrentDecoder(nn.Module):
 
     def supervised_esteps(self) -> List[int]:
         """Indices t (0-based) of the E-steps of each layer that are supervised."""
-        if self.cross_attention == "vanilla" or self.estep_supervision == "none":
+        if (
+            not self.deep_supervision
+            or self.cross_attention == "vanilla"
+            or self.estep_supervision == "none"
+        ):
             return []
         if self.estep_supervision == "last":
             return [self.num_iterations - 1]
@@ -254,13 +258,9 @@ class ClustSegRecurrentDecoder(nn.Module):
         """
         if len(x) != self.num_feature_levels:
             raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
-        src, pos, sizes = [], [], []
-        for i, feat in enumerate(x):
-            sizes.append(tuple(feat.shape[-2:]))
-            p = self.pe_layer(feat)  # (B, C, H_l, W_l)
-            s = self.input_proj[i](feat)
-            pos.append(p)
-            src.append(s + self.level_embed.weight[i][None, :, None, None])
+        sizes = [tuple(feat.shape[-2:]) for feat in x]
+        # (B, C, H_l, W_l) each
+        src, pos = project_levels(x, self.input_proj, self.pe_layer, self.level_embed.weight)
         # dreamy-start from the finest level used by the decoders (1/8)
         seed_feat, seed_pos = self.input_proj[-1](x[-1]), pos[-1]
         sp_feat = sp_pos = None

@@ -27,13 +27,13 @@ from torch.nn import functional as F
 
 from ...layers.clustering import hard_cluster, soft_cluster
 from ...layers.transformer_layers import MLP
+from ..superpixel_counts import check_num_superpixels
 
 CROSS_ATTENTION_MODES = ("recurrent", "kmeans", "vanilla")
 M_STEPS = ("mean", "sum")
 THING_INITS = ("scene_adaptive", "free")
 STUFF_INITS = ("scene_agnostic", "scene_adaptive", "free")
 SEED_SAMPLERS = ("grid", "topk")
-MIN_SUPERPIXELS, MAX_SUPERPIXELS = 50, 2500  # ClustSeg Sec. 4.4
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,27 +246,6 @@ def sample_at(feat: Tensor, coords: Tensor) -> Tensor:
     grid = coords.to(feat.dtype)[None, None].expand(feat.shape[0], 1, -1, -1)  # (B, 1, P, 2)
     out = F.grid_sample(feat, grid, mode="bilinear", align_corners=False)  # (B, C, 1, P)
     return out[:, :, 0].transpose(1, 2)
-
-
-def check_num_superpixels(num: int, num_pixels: int) -> None:
-    """Raise ``ValueError`` for a superpixel count outside [50, 2500] or above the pixel count.
-
-    Args:
-        num (int): requested number of superpixels (clusters).
-        num_pixels (int): pixels of the map the clusters are assigned on (stride-4 features).
-    """
-    if not isinstance(num, int) or isinstance(num, bool):
-        raise ValueError(f"number of superpixels must be an int, got {num!r}")
-    if not MIN_SUPERPIXELS <= num <= MAX_SUPERPIXELS:
-        raise ValueError(
-            f"number of superpixels must be in [{MIN_SUPERPIXELS}, {MAX_SUPERPIXELS}] "
-            f"(ClustSeg Sec. 4.4), got {num}"
-        )
-    if num > num_pixels:
-        raise ValueError(
-            f"{num} superpixels requested but the stride-4 feature map has only {num_pixels} "
-            "pixels: more clusters than pixels. Use a larger image or fewer superpixels."
-        )
 
 
 class DreamyStart(nn.Module):

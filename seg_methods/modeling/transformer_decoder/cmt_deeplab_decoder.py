@@ -7,7 +7,10 @@ F (HW, Dp):
 1. Location-sensitive clustering (Eq. 11-12): C <- Conv(Concat(C, r^c)), F <- Conv(Concat(F, r^p))
    with r^c (N, 2M) the reference masks of the previous layer and r^p (HW, 2) the fixed pixel
    coordinates in [0, 1]. The convolutions are 1x1 (a linear layer on the centres), initialised
-   to the identity on the feature channels (ours).
+   to the identity on the feature channels (ours). Both streams are *replaced* by their
+   coordinate-convolved versions C^, F^ at the start of the layer: every projection of the layer
+   reads C^ / F^, and the residual updates of steps 3 and 4 are added to C^ and F^ (the centre
+   and the pixel stream are treated alike; see projects/CMT-DeepLab/README.md, "Eq. 11-12").
 2. Pixel-cluster assignment with the residual between layers (Eq. 6):
    Z = softmax_N(S + K~^p Q~^c^T), S = logits of the previous layer (resized bilinearly when the
    stride changes). Computed with :func:`seg_methods.layers.soft_cluster`, which also returns the
@@ -16,8 +19,8 @@ F (HW, Dp):
    usual multi-head cross-attention; the plain sum Z^T V^p grows with HW, so we LayerNorm it
    before adding (ours). Then a residual output projection + LayerNorm, self-attention among the
    centres and an FFN (post-norm, as the transformer layers of Mask2Former).
-4. Pixel update (Eq. 8): F <- F + Z V^c, V^c a linear projection of the centres, followed by a
-   BatchNorm whose scale starts at zero (ours, so a fresh layer leaves F unchanged).
+4. Pixel update (Eq. 8): F <- F^ + Z V^c, V^c a linear projection of the centres, followed by a
+   BatchNorm whose scale starts at zero (ours, so a fresh layer outputs F^).
 5. Reference mask (Eq. 9-10): e <- e + MLP(C), r^c = sigmoid(e), e carried to the next layer.
 
 Every layer's assignment logits (B, N, h, w) and class logits of its centres are a prediction
@@ -34,12 +37,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 
-from ...layers.axial import AxialBlock, get_activation_module
+from ...layers.axial import AxialBlock, ConvBottleneck, get_activation_module
 from ...layers.clustering import soft_cluster
-from ...layers.transformer_layers import FFNLayer, SelfAttentionLayer
-from ..backbone.axial_resnet import ConvBottleneck
+from ...layers.transformer_layers import MLP, FFNLayer, SelfAttentionLayer
+from ..build import MASK_CLS_HEAD_REGISTRY
 
 __all__ = [
     "CMTLayer",
@@ -55,22 +59,6 @@ def pixel_coordinates(h: int, w: int, device=None, dtype=torch.float32) -> Tenso
     xs = torch.linspace(0, 1, w, device=device, dtype=dtype) if w > 1 else torch.zeros(1)
     grid_y, grid_x = torch.meshgrid(ys.to(device), xs.to(device), indexing="ij")
     return torch.stack([grid_y, grid_x])
-
-
-class MLP(nn.Module):
-    """Linear layers with GeLU between them."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
-        super().__init__()
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.gelu(x)
-        return x
 
 
 class CMTLayer(nn.Module):
@@ -118,7 +106,7 @@ class CMTLayer(nn.Module):
                 self.pixel_coord_conv.weight[:, :dp, 0, 0].copy_(torch.eye(dp))
                 self.pixel_coord_conv.weight[:, dp:].normal_(std=0.02)
                 self.pixel_coord_conv.bias.zero_()
-            self.ref_mlp = MLP(d, d, 2 * m, 3)  # Eq. 9
+            self.ref_mlp = MLP(d, d, 2 * m, 3, activation="gelu")  # Eq. 9
         # pixel projections: K^p, V^p (cross-attention) and K~^p (clustering)
         self.pixel_kv = Conv2d(dp, 2 * d, 1, bias=not norm, norm=get_norm(norm, 2 * d))
         self.pixel_cluster_key = Conv2d(dp, d, 1, bias=not norm, norm=get_norm(norm, d))
@@ -153,21 +141,21 @@ class CMTLayer(nn.Module):
             ref_embed (Tensor or None): (B, N, 2M) embedding e of the previous layer (Eq. 9).
 
         Returns:
-            tuple: centres (B, N, D), pixels (B, Dp, h, w), assignment logits (B, N, h, w),
-            reference masks r^c (B, N, 2M) or None, embedding e (B, N, 2M) or None.
+            tuple: centres (B, N, D), pixels F^ + Z V^c (B, Dp, h, w) (F + Z V^c without
+            location-sensitive clustering), assignment logits (B, N, h, w), reference masks r^c
+            (B, N, 2M) or None, embedding e (B, N, 2M) or None.
         """
         b, _, h, w = pixels.shape
         n, d, g = centers.shape[1], self.hidden_dim, self.num_heads
         if self.location_sensitive:
+            # Eq. 11-12: C^ and F^ replace C and F for the whole layer (module docstring, step 1)
             ref = ref_embed.sigmoid()  # r^c of the previous layer (Eq. 10)
             centers = self.center_coord_conv(torch.cat([centers, ref], dim=-1))  # Eq. 11
             coords = pixel_coordinates(h, w, pixels.device, pixels.dtype)
             coords = coords[None].expand(b, -1, -1, -1)
-            pixels_in = self.pixel_coord_conv(torch.cat([pixels, coords], dim=1))  # Eq. 12
-        else:
-            pixels_in = pixels
-        k_p, v_p = self.pixel_kv(pixels_in).flatten(2).chunk(2, dim=1)  # (B, D, HW) each
-        k_tilde = self.pixel_cluster_key(pixels_in).flatten(2).transpose(1, 2)  # (B, HW, D)
+            pixels = self.pixel_coord_conv(torch.cat([pixels, coords], dim=1))  # Eq. 12
+        k_p, v_p = self.pixel_kv(pixels).flatten(2).chunk(2, dim=1)  # (B, D, HW) each
+        k_tilde = self.pixel_cluster_key(pixels).flatten(2).transpose(1, 2)  # (B, HW, D)
         c_norm = self.center_norm(centers)
         q_c = self.center_q(c_norm)  # (B, N, D)
         q_tilde = self.center_cluster_query(c_norm)  # (B, N, D)
@@ -208,7 +196,7 @@ class CMTLayer(nn.Module):
         if self.clustering_update:
             v_c = self.center_value(c_norm)  # V^c: (B, N, Dp)
             update = torch.einsum("bnk,bnc->bck", assignment, v_c).reshape(b, -1, h, w)
-            pixels = pixels + self.pixel_update_norm(update)  # Eq. 8: F + Z V^c
+            pixels = pixels + self.pixel_update_norm(update)  # Eq. 8: F^ + Z V^c
 
         ref_points, new_embed = None, None
         if self.location_sensitive:
@@ -231,12 +219,16 @@ class DualPathBlock(nn.Module):
         return self.cmt(centers, self.axial(pixels), prev_logits, ref_embed)
 
 
+@MASK_CLS_HEAD_REGISTRY.register()
 class CMTDeepLabDecoder(nn.Module):
     """Dual-path blocks on the coarse backbone features, upsampling path to stride 4, heads.
 
-    Returns a prediction dict (see :meth:`forward`).
+    Registered in MASK_CLS_HEAD_REGISTRY (``MODEL.CMT_DEEPLAB.HEAD_NAME``); built from
+    ``cfg.MODEL.CMT_DEEPLAB`` by :meth:`from_config`. Returns a prediction dict (see
+    :meth:`forward`).
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -281,7 +273,10 @@ class CMTDeepLabDecoder(nn.Module):
         """
         super().__init__()
         if len(dec_in_features) != len(dec_blocks):
-            raise ValueError("DEC_IN_FEATURES and DEC_BLOCKS must have the same length")
+            raise ValueError(
+                "MODEL.CMT_DEEPLAB.DEC_IN_FEATURES and DEC_BLOCKS must have the same length, got "
+                f"{list(dec_in_features)} and {list(dec_blocks)}"
+            )
         self.dec_in_features = list(dec_in_features)
         self.decoder_in_features = list(decoder_in_features)
         self.num_queries = num_queries
@@ -352,7 +347,7 @@ class CMTDeepLabDecoder(nn.Module):
         self.pixel_embed = Conv2d(
             prev_channels, mask_dim, 1, bias=not norm, norm=get_norm(norm, mask_dim)
         )
-        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3, activation="gelu")
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.sem_seg_head = nn.Sequential(
             Conv2d(prev_channels, decoder_dim, 3, padding=1, bias=not norm,
@@ -361,6 +356,35 @@ class CMTDeepLabDecoder(nn.Module):
             nn.Conv2d(decoder_dim, num_classes, 1),
         )  # fmt: skip
         self.mask_dim = mask_dim
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> Dict:
+        """Keyword arguments from ``cfg.MODEL.CMT_DEEPLAB`` (and the class count of
+        ``cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES``)."""
+        m = cfg.MODEL.CMT_DEEPLAB
+        return {
+            "input_shape": input_shape,
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "num_queries": m.NUM_OBJECT_QUERIES,
+            "hidden_dim": m.HIDDEN_DIM,
+            "nheads": m.NHEADS,
+            "dim_feedforward": m.DIM_FEEDFORWARD,
+            "dec_in_features": m.DEC_IN_FEATURES,
+            "dec_blocks": m.DEC_BLOCKS,
+            "axial_heads": m.AXIAL_HEADS,
+            "axial_span": m.AXIAL_SPAN,
+            "axial_bottleneck_ratio": m.AXIAL_BOTTLENECK_RATIO,
+            "decoder_in_features": m.DECODER_IN_FEATURES,
+            "decoder_dim": m.DECODER_DIM,
+            "mask_dim": m.MASK_DIM,
+            "norm": m.NORM,
+            "activation": m.ACTIVATION,
+            "drop_path_rate": m.DROP_PATH_RATE,
+            "clustering_update": m.CLUSTERING_UPDATE,
+            "location_sensitive": m.LOCATION_SENSITIVE,
+            "num_ref_points": m.NUM_REF_POINTS,
+            "cluster_impl": m.CLUSTER_IMPL,
+        }
 
     def forward_features(
         self, features: Dict[str, Tensor]

@@ -17,15 +17,15 @@ Shape shorthand:
     B: batch, Q: queries, C: hidden dim, K: classes, h: heads, H, W: mask-feature size (1/4),
     H_l, W_l: size of decoder level l
 """
+
 from typing import Dict, List
 
-import fvcore.nn.weight_init as weight_init
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d
 from torch import nn
 from torch.nn import functional as F
 
+from ...layers.multi_scale import level_input_projections, project_levels
 from ...layers.position_encoding import PositionEmbeddingSine
 from ...layers.transformer_layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 from ..build import TRANSFORMER_DECODER_REGISTRY
@@ -45,8 +45,9 @@ def masked_attention_mask(mask_logits, target_size, num_heads, threshold=0.5):
         blocked are fully unblocked (so that attention is defined).
     """
     with torch.no_grad():
-        m = F.interpolate(mask_logits.detach(), size=target_size, mode="bilinear",
-                          align_corners=False)
+        m = F.interpolate(
+            mask_logits.detach(), size=target_size, mode="bilinear", align_corners=False
+        )
         blocked = m.sigmoid().flatten(2) < threshold  # (B, Q, H_l*W_l)
         blocked = blocked & ~blocked.all(-1, keepdim=True)
         return blocked.repeat_interleave(num_heads, dim=0)  # (B*h, Q, H_l*W_l), batch-major
@@ -122,19 +123,15 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
         self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learnable query positions
         self.num_feature_levels = num_feature_levels
         self.level_embed = nn.Embedding(num_feature_levels, hidden_dim)
-        self.input_proj = nn.ModuleList()
-        for _ in range(num_feature_levels):
-            if in_channels != hidden_dim or enforce_input_project:
-                proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
-                weight_init.c2_xavier_fill(proj)
-                self.input_proj.append(proj)
-            else:
-                self.input_proj.append(nn.Sequential())
+        self.input_proj = level_input_projections(
+            in_channels, hidden_dim, num_feature_levels, enforce=enforce_input_project
+        )
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
     @classmethod
-    def from_config(cls, cfg, in_channels, mask_classification):
+    def from_config(cls, cfg, in_channels, mask_classification, mask_dim: int):
+        """``in_channels`` and ``mask_dim`` come from the pixel decoder (its CONVS_DIM, MASK_DIM)."""
         m = cfg.MODEL.MASK2FORMER
         if m.DEC_LAYERS < 1:
             raise ValueError(f"MODEL.MASK2FORMER.DEC_LAYERS must be >= 1, got {m.DEC_LAYERS}")
@@ -148,7 +145,7 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
             "dim_feedforward": m.DIM_FEEDFORWARD,
             "dec_layers": m.DEC_LAYERS,
             "pre_norm": m.PRE_NORM,
-            "mask_dim": m.MASK_DIM,
+            "mask_dim": mask_dim,
             "enforce_input_project": m.ENFORCE_INPUT_PROJ,
             "mask_threshold": m.MASK_ATTENTION_THRESHOLD,
         }
@@ -165,12 +162,10 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
         """
         if len(x) != self.num_feature_levels:
             raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
-        src, pos, sizes = [], [], []
-        for i, feat in enumerate(x):
-            sizes.append(feat.shape[-2:])
-            pos.append(self.pe_layer(feat).flatten(2).permute(2, 0, 1))  # (H_l*W_l, B, C)
-            s = self.input_proj[i](feat).flatten(2) + self.level_embed.weight[i][None, :, None]
-            src.append(s.permute(2, 0, 1))  # (H_l*W_l, B, C)
+        sizes = [feat.shape[-2:] for feat in x]
+        src, pos = project_levels(x, self.input_proj, self.pe_layer, self.level_embed.weight)
+        src = [s.flatten(2).permute(2, 0, 1) for s in src]  # (H_l*W_l, B, C)
+        pos = [p.flatten(2).permute(2, 0, 1) for p in pos]  # (H_l*W_l, B, C)
         bs = src[0].shape[1]
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)  # (Q, B, C)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)  # (Q, B, C)

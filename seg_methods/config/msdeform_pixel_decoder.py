@@ -1,0 +1,41 @@
+"""Multi-scale deformable-attention pixel decoder keys: ``cfg.MODEL.MSDEFORM_PIXEL_DECODER.*`` only.
+
+Read by the registered pixel decoder ``Mask2FormerMSDeformAttnPixelDecoder``
+(``seg_methods/modeling/pixel_decoder/msdeformattn.py``) whichever meta-architecture uses it
+(Mask2Former; Panoptic SegFormer reuses the same encoder), so a second user sets this node, not
+another method's. Python defaults are Mask2Former's COCO R50 setting (Cheng et al., CVPR 2022,
+Sec. 3.2 / 4.1): 6 deformable-attention encoder layers over the 1/8, 1/16 and 1/32 features with
+8 heads, 4 points, FFN 1024, then an FPN lateral to the 1/4 feature; 256 channels, GroupNorm.
+"""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_msdeform_pixel_decoder_config(cfg):
+    """Add ``cfg.MODEL.MSDEFORM_PIXEL_DECODER`` (idempotent).
+
+    Args:
+        cfg (CfgNode): a detectron2 config, modified in place.
+    """
+    if "MSDEFORM_PIXEL_DECODER" in cfg.MODEL:
+        return
+    m = cfg.MODEL.MSDEFORM_PIXEL_DECODER = CN()
+    # backbone features used (the FPN path covers the ones not fed to the encoder)
+    m.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # features fed to the deformable-attention encoder
+    m.TRANSFORMER_IN_FEATURES = ["res3", "res4", "res5"]
+    # channels of the encoder and FPN convs; the transformer decoder's input channels
+    m.CONVS_DIM = 256
+    # channels of the per-pixel mask embeddings; the transformer decoder's mask embeddings use it
+    m.MASK_DIM = 256
+    m.NORM = "GN"  # norm of the FPN convs
+    m.COMMON_STRIDE = 4  # stride of the mask features
+    # encoder
+    m.TRANSFORMER_ENC_LAYERS = 6
+    m.NHEADS = 8
+    m.DROPOUT = 0.0
+    m.ENC_DIM_FEEDFORWARD = 1024
+    m.ENC_N_POINTS = 4
+    # "auto": compiled seg_methods._C op when built, else the pure-PyTorch reference;
+    # "op" to require the compiled op; "pytorch" to force the reference.
+    m.DEFORM_ATTN_IMPL = "auto"
