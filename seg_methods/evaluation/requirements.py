@@ -125,7 +125,8 @@ def evaluation_problems(cfg, dataset_name: str) -> List[str]:
     """Problems that would make evaluation on ``dataset_name`` fail with this config.
 
     Loads the dataset's records (``DatasetCatalog.get``, which also generates the embedded
-    dataset on first use) when an enabled evaluator reads record fields or files.
+    dataset on first use) when an enabled evaluator reads record fields, or files that do not
+    exist yet.
 
     Args:
         cfg (CfgNode): config with the ``TEST.*_ON`` flags (the superpixel output is derived
@@ -169,6 +170,10 @@ def evaluation_problems(cfg, dataset_name: str) -> List[str]:
             )
         for key in req.metadata_paths:
             path = meta.get(key, None)
+            if path is not None and not os.path.exists(path) and records is None:
+                # Loading the records may create the files (the embedded dataset is generated
+                # on first use), so look again after loading them.
+                records = DatasetCatalog.get(dataset_name)
             if path is not None and not os.path.exists(path):
                 problems.append(
                     f"{head} reads metadata '{key}' = '{path}', which does not exist. "

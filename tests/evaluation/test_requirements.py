@@ -112,3 +112,23 @@ def test_complete_dataset_passes(panoptic_files):
     _register(name, records, evaluator_type="coco_panoptic_seg", **panoptic_files)
     check_evaluation_requirements(_cfg(name))
     check_evaluation_requirements(_cfg(name), dataset_names=[])  # nothing to check
+
+
+def test_files_created_by_the_dataset_loader_are_found(panoptic_files, tmp_path):
+    """The embedded dataset writes its files on first load: the check loads the records before
+    calling a missing file missing (a fresh clone's first train_net.py run)."""
+    name = "_req_lazy_files"
+    late = tmp_path / "generated_on_first_load"
+    meta = dict(panoptic_files, panoptic_root=str(late))
+    records = [dict(r, sem_seg_file_name="s.png") for r in RECORDS_NO_SEM]
+
+    def load():
+        late.mkdir(exist_ok=True)
+        return [dict(r) for r in records]
+
+    _register(name, records, evaluator_type="coco_panoptic_seg", **meta)
+    DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, load)
+    assert not late.exists()
+    check_evaluation_requirements(_cfg(name))
+    assert late.exists()
