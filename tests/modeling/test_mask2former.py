@@ -360,22 +360,16 @@ def test_mask2former_train_step_and_inference_on_tiny_synthetic(tiny_synthetic):
         assert ((inst.pred_classes >= 0) & (inst.pred_classes < num_classes)).all()
 
 
-def test_train_step_with_an_image_without_segments(tiny_synthetic):
-    """An image with no annotated segment (all void) still trains: finite losses, the empty image
-    only pushes its queries to no-object, and the batch's gradients stay finite."""
+def test_batch_without_segments_has_only_the_class_loss(tiny_synthetic):
+    """A batch whose images have no annotated segment (all void) pushes every query to no-object:
+    the mask losses are zero, the class loss is not. (Finite losses and gradients on such
+    batches are checked for every meta-architecture in test_model_e2e.py.)"""
     cfg = _tiny_cfg(tiny_synthetic)
     model = build_model(cfg).train()
     mapper = build_dataset_mapper(cfg, is_train=True)
-    d0, d1 = DatasetCatalog.get(tiny_synthetic["panoptic_train"])[:2]
-    empty = dict(d1, segments_info=[])  # same image, every segment dropped
-    batch = [mapper(d0), mapper(empty)]
-    assert len(batch[0]["instances"]) > 0 and len(batch[1]["instances"]) == 0
-    losses = model(batch)
-    for k, v in losses.items():
-        assert torch.isfinite(v), k
-    sum(losses.values()).backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+    d1 = DatasetCatalog.get(tiny_synthetic["panoptic_train"])[1]
+    empty = dict(d1, segments_info=[])  # every segment dropped
+    assert len(mapper(empty)["instances"]) == 0
 
     # a batch made only of empty images: mask losses are zero, the class loss is not
     losses = model([mapper(empty), mapper(empty)])

@@ -250,6 +250,11 @@ def test_train_step_with_an_image_without_ground_truth(cfg):
     full, other = _train_records(cfg)
     empty = _without_ground_truth(other, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
     _check_finite_step(model, [full, empty])
+    # a batch in which no image has ground truth still gives finite losses and gradients
+    model.zero_grad()
+    _check_finite_step(
+        model, [_without_ground_truth(full, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE), empty]
+    )
 
 
 @cases

@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 
 LABEL_KINDS = ("sem_seg", "panoptic", "annotations", "regions")
@@ -121,6 +122,15 @@ class TargetGenerator:
     uses: Tuple[str, ...] = ()
     name: str = ""
     optional: bool = False
+
+    @configurable
+    def __init__(self):
+        """Generators without parameters; a generator with parameters overrides ``__init__``
+        (``@configurable``, typed keyword arguments) and :meth:`from_config`."""
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, Any]:
+        return {}
 
     def __call__(self, labels: TargetLabels) -> Dict[str, Any]:
         raise NotImplementedError

@@ -23,7 +23,6 @@ Shape shorthand:
 from typing import Dict, List, Optional
 
 import torch
-from detectron2.config import configurable
 from detectron2.structures import BitMasks, Instances
 
 from ..build import TARGET_GENERATOR_REGISTRY
@@ -135,14 +134,6 @@ class SemanticMaskTargets(TargetGenerator):
 
     requires = ("sem_seg",)
 
-    @configurable
-    def __init__(self):
-        pass
-
-    @classmethod
-    def from_config(cls, cfg):
-        return {}
-
     def __call__(self, labels: TargetLabels) -> Dict:
         return {
             "instances": semantic_targets(
@@ -159,14 +150,6 @@ class PanopticMaskTargets(TargetGenerator):
 
     requires = ("panoptic",)
 
-    @configurable
-    def __init__(self):
-        pass
-
-    @classmethod
-    def from_config(cls, cfg):
-        return {}
-
     def __call__(self, labels: TargetLabels) -> Dict:
         return {
             "instances": panoptic_targets(
@@ -182,14 +165,6 @@ class InstanceMaskTargets(TargetGenerator):
     """``{"instances"}``: one mask per non-crowd annotation (:func:`instance_targets`)."""
 
     requires = ("annotations",)
-
-    @configurable
-    def __init__(self):
-        pass
-
-    @classmethod
-    def from_config(cls, cfg):
-        return {}
 
     def __call__(self, labels: TargetLabels) -> Dict:
         return {

@@ -10,7 +10,6 @@ Shape shorthand:
 
 from typing import Dict
 
-from detectron2.config import configurable
 
 from ..build import TARGET_GENERATOR_REGISTRY
 from .base import TargetGenerator, TargetLabels
@@ -20,14 +19,6 @@ class RegionTargets(TargetGenerator):
     """``{"regions": (H, W) int64}`` (see the module docstring)."""
 
     requires = ("regions",)
-
-    @configurable
-    def __init__(self):
-        pass
-
-    @classmethod
-    def from_config(cls, cfg):
-        return {}
 
     def __call__(self, labels: TargetLabels) -> Dict:
         return {"regions": labels.regions}
