@@ -11,9 +11,11 @@ def add_seg_methods_config(cfg):
     from .axial_resnet import add_axial_resnet_config
     from .clustseg import add_clustseg_config
     from .cmt_deeplab import add_cmt_deeplab_config
+    from .hssn import add_hssn_config
     from .mask2former import add_mask2former_config
     from .msdeform_pixel_decoder import add_msdeform_pixel_decoder_config
     from .per_pixel import add_per_pixel_config
+    from .protoseg import add_protoseg_config
     from .swin import add_swin_config
 
     add_common_config(cfg)
@@ -25,6 +27,8 @@ def add_seg_methods_config(cfg):
     add_cmt_deeplab_config(cfg)
     add_clustseg_config(cfg)
     add_per_pixel_config(cfg)  # per-pixel semantic template (MODEL/TEST.PER_PIXEL)
+    add_hssn_config(cfg)
+    add_protoseg_config(cfg)
     return cfg
 
 

@@ -20,6 +20,9 @@ cityscapes_panoptic_seg        COCOPanopticEvaluator (panoptic), CityscapesSemSe
 superpixel                     SuperpixelEvaluator (superpixel): ASA and CO
 =============================  ==========================================================
 
+A dataset whose metadata has ``class_hierarchy`` also gets ``HierarchicalSemSegEvaluator``
+(mIoU^1..mIoU^L, one per tree level) whenever a semantic evaluator is selected.
+
 The Cityscapes evaluators need ``cityscapesscripts`` when they evaluate; the panoptic evaluator
 needs ``panopticapi``.
 """
@@ -157,4 +160,17 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
             f"No evaluator for '{dataset_name}' (evaluator_type={evaluator_type}) with {flags}: "
             f"enable one of {supported} for the outputs your model produces."
         )
+    evaluators += _hierarchical(cfg, dataset_name, evaluator_type, outputs, output_folder)
     return DatasetEvaluators(evaluators)
+
+
+# --- per-level mIoU^1..L (HSSN; seg_methods/evaluation/hierarchy.py) -------------------------
+def _hierarchical(cfg, dataset_name, evaluator_type, outputs, output_folder) -> List:
+    """[HierarchicalSemSegEvaluator] when the dataset's metadata has ``class_hierarchy`` and a
+    semantic evaluator is selected (any model: flat baselines get mIoU^l too), else []."""
+    from .hierarchy import HierarchicalSemSegEvaluator
+
+    semantic = outputs[SEMANTIC] and any(f == SEMANTIC for f, _ in EVALUATORS[evaluator_type])
+    if not semantic or not MetadataCatalog.get(dataset_name).get("class_hierarchy", None):
+        return []
+    return [HierarchicalSemSegEvaluator(dataset_name, output_dir=output_folder)]

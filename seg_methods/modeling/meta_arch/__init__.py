@@ -4,3 +4,5 @@ from .mask2former import Mask2Former  # noqa: F401
 from .mask_classification import MaskClassificationModel  # noqa: F401
 from .clustseg import ClustSeg  # noqa: F401
 from .per_pixel import PerPixelSemanticModel  # noqa: F401
+from .protoseg import ProtoSeg  # noqa: F401
+from .hssn import HSSN  # noqa: F401

@@ -1,0 +1,280 @@
+"""HSSN: Deep Hierarchical Semantic Segmentation (Li et al., CVPR 2022) on the per-pixel template.
+
+:class:`HSSN` is a :class:`PerPixelSemanticModel` (DeepLabV3+: detectron2's
+``DeepLabV3PlusHead`` used as a decoder) that overrides hooks only:
+
+* :meth:`forward_head`: the decoder feature -> one logit per node of the class tree (a sigmoid
+  score each, N = all levels' nodes) and, in training, a projection of a backbone feature (or of
+  the decoder feature) to L2-normalised embeddings for the tree-triplet loss;
+* :meth:`losses`: focal tree-min loss (Eq. 6) + optional per-level cross-entropy (the ports')
+  + tree-triplet loss (Eq. 7) with its cosine-ramped weight;
+* :meth:`segmentation_logits` / :meth:`probabilities`: tree-respecting leaf scores
+  (``MODEL.HSSN.INFERENCE``, default "path_min": a leaf's logit is the minimum over its root
+  path, the tree-min positive score of Def. 3.2.3; sigmoid gives its probability). "sem_seg" is
+  (C, H, W) over the leaves, so the standard evaluator computes leaf mIoU and the hierarchical
+  evaluator maps the argmax up the tree.
+
+The tree is the training set's metadata ``class_hierarchy`` (level 0 = the
+``SEM_SEG_HEAD.NUM_CLASSES`` classes). The ground truth is the template's "sem_seg"; the level
+labels are derived from it with the tree, so no extra target generator is needed. Void pixels
+are excluded from every loss term.
+
+Shape shorthand:
+    B: batch, N: tree nodes, C: leaves, H, W: padded input size, h, w: head output size.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.layers import Conv2d, get_norm
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from ...config.hssn import HSSN_BASES, HSSN_EMBED_DECODER, HSSN_INFERENCE_RULES
+from ..criterion.hssn import (
+    ClassTree,
+    leaf_path_logits,
+    per_level_cross_entropy,
+    tree_min_loss,
+    tree_triplet_loss,
+    triplet_ramp,
+)
+from .per_pixel import PerPixelSemanticModel
+
+__all__ = ["HSSN", "class_tree_from_config"]
+
+
+def class_tree_from_config(cfg) -> ClassTree:
+    """The :class:`ClassTree` of the first training set (else test set) metadata.
+
+    Raises:
+        KeyError: no dataset, or its metadata has no ``class_hierarchy``.
+    """
+    names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+    if not names:
+        raise KeyError("HSSN reads its class tree from DATASETS.TRAIN[0] (or TEST[0]); both empty")
+    hierarchy = MetadataCatalog.get(names[0]).get("class_hierarchy", None)
+    if hierarchy is None:
+        raise KeyError(
+            f"HSSN needs metadata 'class_hierarchy' on dataset '{names[0]}' (see "
+            "datasets/README.md: {'names': [...], 'parents': [...]}); set it when registering "
+            "the dataset"
+        )
+    return ClassTree(
+        hierarchy, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, source=f"metadata of '{names[0]}'"
+    )
+
+
+@META_ARCH_REGISTRY.register()
+class HSSN(PerPixelSemanticModel):
+    """Hierarchical semantic segmentation: one sigmoid score per tree node, tree-min + triplet.
+
+    Args:
+        tree (ClassTree): the class tree (leaves = the classes).
+        decoder_channels (int): channels of the decoder feature ``sem_seg_head.layers`` returns
+            (the head is built without its classifier).
+        embed_in_feature (str): backbone feature projected for the triplet loss, or "decoder".
+        embed_in_channels (int): its channels.
+        embed_dim (int): embedding size.
+        norm (str): norm of the projection (detectron2 ``get_norm`` name).
+        focal (bool), focal_gamma (float): Eq. 6 (else Eq. 5) and its exponent.
+        tree_min_weight (float): weight of "loss_tree_min".
+        level_ce_weight (float): weight of "loss_level_ce" (0: off).
+        triplet_weight (float), triplet_ramp_iters (int): final weight of "loss_tree_triplet"
+            and its cosine ramp length (0 weight: no projection, no loss).
+        margin_eps, margin_tree_factor (float): the margin of Eq. 7.
+        max_triplets_per_class (int): triplets drawn per anchor class.
+        inference_rule (str): "path_min" or "path_sum" (see :func:`leaf_path_logits`).
+        **kwargs: :class:`PerPixelSemanticModel` arguments.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        tree: ClassTree,
+        decoder_channels: int,
+        embed_in_feature: str = "res5",
+        embed_in_channels: int = 0,
+        embed_dim: int = 256,
+        norm: str = "BN",
+        focal: bool = True,
+        focal_gamma: float = 2.0,
+        tree_min_weight: float = 5.0,
+        level_ce_weight: float = 1.0,
+        triplet_weight: float = 0.5,
+        triplet_ramp_iters: int = 80000,
+        margin_eps: float = 0.1,
+        margin_tree_factor: float = 1.0,
+        max_triplets_per_class: int = 200,
+        inference_rule: str = "path_min",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if inference_rule not in HSSN_INFERENCE_RULES:
+            raise ValueError(
+                f"MODEL.HSSN.INFERENCE must be one of {HSSN_INFERENCE_RULES}, got {inference_rule!r}"
+            )
+        if not getattr(self.sem_seg_head, "decoder_only", False):
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.NAME: HSSN needs a head that can be built without its "
+                f"classifier (decoder_only, as DeepLabV3PlusHead); got "
+                f"{type(self.sem_seg_head).__name__}"
+            )
+        if tree.num_leaves != self.num_classes:
+            raise ValueError(
+                f"class tree has {tree.num_leaves} leaves, MODEL.SEM_SEG_HEAD.NUM_CLASSES is "
+                f"{self.num_classes}"
+            )
+        self.tree = tree
+        # one sigmoid score per tree node; DeepLab's classifier initialisation
+        self.node_predictor = nn.Conv2d(decoder_channels, tree.num_nodes, kernel_size=1)
+        nn.init.normal_(self.node_predictor.weight, 0, 0.001)
+        nn.init.constant_(self.node_predictor.bias, 0)
+        self.embed_in_feature = embed_in_feature
+        self.projection: Optional[nn.Module] = None
+        if triplet_weight > 0:
+            # the ports' "convmlp" projection head
+            self.projection = nn.Sequential(
+                Conv2d(
+                    embed_in_channels,
+                    embed_in_channels,
+                    kernel_size=1,
+                    bias=not norm,
+                    norm=get_norm(norm, embed_in_channels),
+                    activation=F.relu,
+                ),
+                nn.Conv2d(embed_in_channels, embed_dim, kernel_size=1),
+            )
+        self.focal, self.focal_gamma = focal, focal_gamma
+        self.tree_min_weight = tree_min_weight
+        self.level_ce_weight = level_ce_weight
+        self.triplet_weight, self.triplet_ramp_iters = triplet_weight, triplet_ramp_iters
+        self.margin_eps, self.margin_tree_factor = margin_eps, margin_tree_factor
+        self.max_triplets_per_class = max_triplets_per_class
+        self.inference_rule = inference_rule
+
+    @classmethod
+    def from_config(cls, cfg):
+        h = cfg.MODEL.HSSN
+        if h.BASE not in HSSN_BASES:
+            raise ValueError(
+                f"MODEL.HSSN.BASE must be one of {HSSN_BASES} (Mask2Former is not implemented "
+                f"yet), got {h.BASE!r}"
+            )
+        tree = class_tree_from_config(cfg)
+        # the head without its classifier: layers() returns the decoder feature
+        head_cfg = cfg.clone()
+        head_cfg.defrost()
+        head_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = None
+        args = super().from_config(head_cfg)
+        args["num_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        sh = cfg.MODEL.SEM_SEG_HEAD
+        # DeepLabV3PlusHead's output channels: CONVS_DIM after the decoder's fuse convs, or the
+        # ASPP's when it has a single input feature.
+        decoder_channels = sh.CONVS_DIM if len(sh.IN_FEATURES) > 1 else sh.ASPP_CHANNELS
+        if h.EMBED_IN_FEATURE == HSSN_EMBED_DECODER:
+            embed_in_channels = decoder_channels
+        else:
+            shapes = args["backbone"].output_shape()
+            if h.EMBED_IN_FEATURE not in shapes:
+                raise ValueError(
+                    f"MODEL.HSSN.EMBED_IN_FEATURE {h.EMBED_IN_FEATURE!r} is neither "
+                    f"{HSSN_EMBED_DECODER!r} nor a backbone output {sorted(shapes)}"
+                )
+            embed_in_channels = shapes[h.EMBED_IN_FEATURE].channels
+        args.update(
+            tree=tree,
+            decoder_channels=decoder_channels,
+            embed_in_feature=h.EMBED_IN_FEATURE,
+            embed_in_channels=embed_in_channels,
+            embed_dim=h.EMBED_DIM,
+            norm=sh.NORM,
+            focal=h.FOCAL,
+            focal_gamma=h.FOCAL_GAMMA,
+            tree_min_weight=h.TREE_MIN_WEIGHT,
+            level_ce_weight=h.LEVEL_CE_WEIGHT,
+            triplet_weight=h.TRIPLET_WEIGHT,
+            triplet_ramp_iters=h.TRIPLET_RAMP_ITERS,
+            margin_eps=h.MARGIN_EPS,
+            margin_tree_factor=h.MARGIN_TREE_FACTOR,
+            max_triplets_per_class=h.MAX_TRIPLETS_PER_CLASS,
+            inference_rule=h.INFERENCE,
+        )
+        return args
+
+    # ------------------------------------------------------------------ hooks
+    def forward_head(
+        self, images: torch.Tensor, targets: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
+        """(B, 3, H, W) -> {"sem_seg": (B, N, h, w) node logits} and, in training with the
+        triplet loss on, "embedding": (B, D, h', w') L2-normalised."""
+        features = self.backbone(images)
+        decoded = self.sem_seg_head.layers(features)
+        out = {"sem_seg": self.node_predictor(decoded)}
+        if targets is not None and self.projection is not None:
+            if self.embed_in_feature == HSSN_EMBED_DECODER:
+                source = decoded
+            else:
+                source = features[self.embed_in_feature]
+            out["embedding"] = F.normalize(self.projection(source), p=2, dim=1)
+        return out
+
+    def segmentation_logits(
+        self, outputs: Dict[str, torch.Tensor], size: Tuple[int, int]
+    ) -> torch.Tensor:
+        """(B, C, size) tree-respecting leaf logits: node logits upsampled, then reduced over
+        each leaf's root path (``MODEL.HSSN.INFERENCE``)."""
+        node_logits = super().segmentation_logits(outputs, size)
+        return leaf_path_logits(node_logits, self.tree, self.inference_rule)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Leaf scores are independent sigmoids (for "path_min", the minimum of the node
+        probabilities along the path), not a softmax."""
+        return logits.sigmoid()
+
+    def losses(
+        self,
+        outputs: Dict[str, torch.Tensor],
+        targets: torch.Tensor,
+        batched_inputs: List[Dict],
+        images: ImageList,
+    ) -> Dict[str, torch.Tensor]:
+        """Hook: "loss_tree_min" (+ "loss_level_ce") on node logits upsampled to (H, W), and
+        "loss_tree_triplet" on the embeddings with the targets nearest-resized to them."""
+        node_logits = PerPixelSemanticModel.segmentation_logits(self, outputs, targets.shape[-2:])
+        kw = {"ignore_value": self.ignore_value}
+        losses = {
+            "loss_tree_min": self.tree_min_weight
+            * tree_min_loss(
+                node_logits, targets, self.tree, focal=self.focal, gamma=self.focal_gamma, **kw
+            )
+        }
+        if self.level_ce_weight > 0:
+            losses["loss_level_ce"] = self.level_ce_weight * per_level_cross_entropy(
+                node_logits, targets, self.tree, **kw
+            )
+        if self.projection is not None:
+            embedding = outputs["embedding"]
+            small = F.interpolate(
+                targets.unsqueeze(1).float(), size=embedding.shape[-2:], mode="nearest"
+            )
+            triplet = tree_triplet_loss(
+                embedding,
+                small.squeeze(1).long(),
+                self.tree,
+                max_triplets_per_class=self.max_triplets_per_class,
+                margin_eps=self.margin_eps,
+                margin_tree_factor=self.margin_tree_factor,
+                **kw,
+            )
+            weight = triplet_ramp(
+                get_event_storage().iter, self.triplet_weight, self.triplet_ramp_iters
+            )
+            losses["loss_tree_triplet"] = weight * triplet
+        return losses
