@@ -54,6 +54,10 @@ def add_hssn_config(cfg):
     # is factor 1 on Cityscapes' 2-level tree (0.1 + (4 - 2) / 4).
     m.MARGIN_EPS = 0.1
     m.MARGIN_TREE_FACTOR = 1.0
+    # Positives of an anchor of class c: pixels of the other classes under c's level-1 parent
+    # (False, the ports; a class alone under its parent gets no triplet) or of every class under
+    # it, c included (True; pair it with MARGIN_TREE_FACTOR 0.5, see tree_triplet_loss).
+    m.TRIPLET_INCLUDE_ANCHOR_CLASS = False
     # Triplets drawn per anchor class and batch (ports: 200).
     m.MAX_TRIPLETS_PER_CLASS = 200
     # Projection: 1x1 conv, norm (SEM_SEG_HEAD.NORM), ReLU, 1x1 conv to EMBED_DIM, L2-normalised.

@@ -43,7 +43,7 @@ def level_confusion(leaf_conf: np.ndarray, ancestors: np.ndarray, num_nodes: int
 
 
 def mean_iou(conf: np.ndarray) -> float:
-    """mIoU (%) over the classes present in the ground truth or the prediction (NaN if none).
+    """mIoU (%) over the classes present in the ground truth (as detectron2's SemSegEvaluator) (NaN if none).
 
     Args:
         conf (ndarray): (K, K) [prediction, ground truth] counts.

@@ -159,7 +159,8 @@ def _rank0_share(name, records):
 def test_two_process_evaluation_equals_one_process(eval_root, tmp_path):
     panoptic, superpixel = _register(eval_root)
     single = _evaluate(_cfg(eval_root, str(tmp_path / "world1")))
-    assert set(single[panoptic]) == {"panoptic_seg", "sem_seg", "segm"}
+    # the embedded dataset has a class tree, so mIoU per level comes too (hier_sem_seg)
+    assert set(single[panoptic]) == {"panoptic_seg", "sem_seg", "segm", "hier_sem_seg"}
     assert set(single[superpixel]) == {"superpixel"}
     assert 0 < single[panoptic]["panoptic_seg"]["PQ"] < 100  # the errors are counted
 

@@ -177,14 +177,33 @@ def test_tree_triplet_margin_by_hand():
     labels = torch.tensor([[[0, 2]]])
     for eps, factor in [(0.1, 0.5), (0.1, 1.0), (0.05, 0.0)]:
         loss = tree_triplet_loss(
-            emb, labels, t, ignore_value=VOID, margin_eps=eps, margin_tree_factor=factor
-        )
+            emb, labels, t, ignore_value=VOID, margin_eps=eps, margin_tree_factor=factor,
+            include_anchor_class=True,
+        )  # fmt: skip
         assert float(loss) == pytest.approx(max(0.0 - 0.2 + eps + factor, 0.0), abs=1e-6)
+    # by default (the ports) positives come from the OTHER classes under the parent only, so
+    # here nobody has a positive: no triplet, a defined 0
+    assert float(tree_triplet_loss(emb, labels, t, ignore_value=VOID)) == 0.0
     # void pixels never enter a triplet
     emb_v = _embed([[1.0, 0.0], [0.8, 0.6], [-1.0, 0.0], [0.0, -1.0]])
     labels_v = torch.tensor([[[0, 2, VOID, VOID]]])
-    loss_v = tree_triplet_loss(emb_v, labels_v, t, ignore_value=VOID, margin_tree_factor=0.5)
+    loss_v = tree_triplet_loss(
+        emb_v, labels_v, t, ignore_value=VOID, margin_tree_factor=0.5, include_anchor_class=True
+    )
     assert float(loss_v) == pytest.approx(0.4, abs=1e-6)
+
+
+def test_tree_triplet_default_positives_are_sibling_classes_with_the_ports_margin():
+    """a, b under A and c under B: anchors of a take positives from b (psi 2) and negatives from
+    c (psi 4), so m = 0.1 + 1.0 * (4 - 2) / 4 = 0.6 (the ports' constant); c is alone under B and
+    gets no triplet."""
+    t = ClassTree(TWO_LEVEL)
+    emb = _embed([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6]])  # a, b, c
+    labels = torch.tensor([[[0, 1, 2]]])
+    loss = tree_triplet_loss(emb, labels, t, ignore_value=VOID)
+    d_ab, d_ac, d_bc = 1 - 0.6, 1 - 0.8, 1 - (0.6 * 0.8 + 0.8 * 0.6)
+    expected = ((d_ab - d_ac + 0.6) + (d_ab - d_bc + 0.6)) / 2  # anchors a and b only
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
 
 
 def test_tree_triplet_pairs_respect_the_tree_and_the_cap():

@@ -250,14 +250,16 @@ def tree_triplet_loss(
     max_triplets_per_class: int = 200,
     margin_eps: float = 0.1,
     margin_tree_factor: float = 1.0,
+    include_anchor_class: bool = False,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Tree-triplet loss (Eq. 7) on L2-normalised pixel embeddings.
 
-    For every class c present: anchors are pixels of c; positives are pixels of any class with
-    the same level-1 ancestor as c (c included; the ports exclude c, which leaves classes alone
-    under their parent, e.g. Cityscapes' "sky", without triplets); negatives are pixels under
-    another level-1 node. A one-level tree uses the class itself. ``k = min(#anchors,
+    For every class c present: anchors are pixels of c; positives are pixels of the OTHER classes
+    with the same level-1 ancestor as c (as the ports; a class alone under its parent, e.g.
+    Cityscapes' "sky", then gets no triplet), or of any class under that ancestor, c included,
+    with ``include_anchor_class``; negatives are pixels under another level-1 node. A one-level
+    tree uses the class itself as the group (and always includes c). ``k = min(#anchors,
     #positives, #negatives, max_triplets_per_class)`` of each are drawn at random (the ports take
     the first k in raster order), and with the cosine distance d = 1 - <e, e'>:
 
@@ -275,6 +277,9 @@ def tree_triplet_loss(
         max_triplets_per_class (int): k's upper bound.
         margin_eps (float): m_eps.
         margin_tree_factor (float): factor of the tree term (paper 0.5, ports' constant = 1).
+        include_anchor_class (bool): positives may be pixels of the anchor's own class (then a
+            same-class positive has psi = 0 and the margin grows by ``factor / 2``; with the
+            ports' factor 1 that is 1.1 instead of 0.6, so use the paper's 0.5 with it).
         generator (torch.Generator, optional): for the random draws.
 
     Returns:
@@ -299,7 +304,8 @@ def tree_triplet_loss(
     for c in torch.unique(labels).tolist():
         anchors = torch.nonzero(labels == c).squeeze(1)
         same = groups == group_of[c]
-        positives, negatives = torch.nonzero(same).squeeze(1), torch.nonzero(~same).squeeze(1)
+        positive = same if (include_anchor_class or tree.num_levels == 1) else same & (labels != c)
+        positives, negatives = torch.nonzero(positive).squeeze(1), torch.nonzero(~same).squeeze(1)
         k = min(anchors.numel(), positives.numel(), negatives.numel(), max_triplets_per_class)
         if k == 0:
             continue

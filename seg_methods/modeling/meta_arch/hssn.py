@@ -88,6 +88,7 @@ class HSSN(PerPixelSemanticModel):
         triplet_weight (float), triplet_ramp_iters (int): final weight of "loss_tree_triplet"
             and its cosine ramp length (0 weight: no projection, no loss).
         margin_eps, margin_tree_factor (float): the margin of Eq. 7.
+        triplet_include_anchor_class (bool): see :func:`tree_triplet_loss`.
         max_triplets_per_class (int): triplets drawn per anchor class.
         inference_rule (str): "path_min" or "path_sum" (see :func:`leaf_path_logits`).
         **kwargs: :class:`PerPixelSemanticModel` arguments.
@@ -111,6 +112,7 @@ class HSSN(PerPixelSemanticModel):
         triplet_ramp_iters: int = 80000,
         margin_eps: float = 0.1,
         margin_tree_factor: float = 1.0,
+        triplet_include_anchor_class: bool = False,
         max_triplets_per_class: int = 200,
         inference_rule: str = "path_min",
         **kwargs,
@@ -156,6 +158,7 @@ class HSSN(PerPixelSemanticModel):
         self.level_ce_weight = level_ce_weight
         self.triplet_weight, self.triplet_ramp_iters = triplet_weight, triplet_ramp_iters
         self.margin_eps, self.margin_tree_factor = margin_eps, margin_tree_factor
+        self.triplet_include_anchor_class = triplet_include_anchor_class
         self.max_triplets_per_class = max_triplets_per_class
         self.inference_rule = inference_rule
 
@@ -203,6 +206,7 @@ class HSSN(PerPixelSemanticModel):
             triplet_ramp_iters=h.TRIPLET_RAMP_ITERS,
             margin_eps=h.MARGIN_EPS,
             margin_tree_factor=h.MARGIN_TREE_FACTOR,
+            triplet_include_anchor_class=h.TRIPLET_INCLUDE_ANCHOR_CLASS,
             max_triplets_per_class=h.MAX_TRIPLETS_PER_CLASS,
             inference_rule=h.INFERENCE,
         )
@@ -238,6 +242,14 @@ class HSSN(PerPixelSemanticModel):
         probabilities along the path), not a softmax."""
         return logits.sigmoid()
 
+    def _iteration(self) -> int:
+        """The trainer's iteration (detectron2's ``EventStorage``), for the triplet ramp; outside
+        a trainer (no storage) the ramp is taken as finished."""
+        try:
+            return get_event_storage().iter
+        except AssertionError:  # get_event_storage asserts that a storage is open
+            return self.triplet_ramp_iters
+
     def losses(
         self,
         outputs: Dict[str, torch.Tensor],
@@ -271,10 +283,9 @@ class HSSN(PerPixelSemanticModel):
                 max_triplets_per_class=self.max_triplets_per_class,
                 margin_eps=self.margin_eps,
                 margin_tree_factor=self.margin_tree_factor,
+                include_anchor_class=self.triplet_include_anchor_class,
                 **kw,
             )
-            weight = triplet_ramp(
-                get_event_storage().iter, self.triplet_weight, self.triplet_ramp_iters
-            )
+            weight = triplet_ramp(self._iteration(), self.triplet_weight, self.triplet_ramp_iters)
             losses["loss_tree_triplet"] = weight * triplet
         return losses
