@@ -81,7 +81,14 @@ def _worker(main_func: Callable, num_threads: Optional[int], args: Sequence[Any]
     """Runs in every spawned process, after detectron2 created the process groups."""
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    return main_func(*args)
+    result = main_func(*args)
+    if dist.is_available() and dist.is_initialized():
+        # Tear the process groups down while every rank is alive: left to the interpreter's exit,
+        # gloo's background threads can abort the process ("terminate called without an active
+        # exception", SIGABRT) after the work is done, most often when the ranks finish fast.
+        comm.synchronize()
+        dist.destroy_process_group()
+    return result
 
 
 def launch(
