@@ -8,3 +8,14 @@ from .clustering import (  # noqa: F401
     soft_cluster_pytorch,
 )
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_pytorch  # noqa: F401
+from .dense_affinity import (  # noqa: F401
+    DenseAffinityApply,
+    dense_affinity_apply,
+    dense_affinity_apply_batched,
+    dense_affinity_apply_pytorch,
+)
+from .token_association import (  # noqa: F401
+    TokenAssociation,
+    token_association,
+    token_association_pytorch,
+)
