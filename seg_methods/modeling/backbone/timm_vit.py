@@ -1,0 +1,174 @@
+"""A timm Vision Transformer as a detectron2 backbone that returns the tokens of chosen layers.
+
+Registered in BACKBONE_REGISTRY as ``build_timm_vit_backbone``; config ``cfg.MODEL.TIMM``
+(:mod:`seg_methods.config.timm_backbone`), shared with the generic ``build_timm_backbone``:
+NAME (a timm ViT / DeiT, e.g. ``vit_small_patch16_224``, ``deit_base_distilled_patch16_224``),
+PRETRAINED, IN_CHANS, EXTRA_ARGS (e.g. ``img_size=512``) and OUT_INDICES / OUT_FEATURES.
+
+Layer indices follow mmsegmentation's ``VisionTransformer(out_indices=...)`` (the layout RegProxy
+and other mmseg-based ViT methods publish their configs in), so official configs translate
+directly:
+
+* ``i`` in ``[0, depth - 1)``: the patch tokens after block ``i`` (no norm);
+* ``depth - 1``: the patch tokens after the last block AND the final LayerNorm (mmseg
+  ``final_norm=True``);
+* ``-1``: the token embedding (patch embedding + position embedding), before any block.
+
+Every output is a (B, D, H / p, W / p) map of the patch tokens (class / distillation tokens
+dropped), p the patch size. The position embedding is resampled to the input's token grid at run
+time (timm ``dynamic_img_size``), so any input whose sides are multiples of p works; detectron2
+pads inputs to ``size_divisibility`` = p, so an image smaller than one patch is padded, not
+rejected.
+
+State-dict layout: the timm model is the submodule ``model`` (``backbone.model.<timm key>``);
+timm's classifier head is removed.
+"""
+
+from typing import Dict, Optional, Sequence
+
+import timm
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+
+from .timm_backbone import parse_timm_extra_args
+
+__all__ = ["TimmViTBackbone", "build_timm_vit_backbone"]
+
+
+class TimmViTBackbone(Backbone):
+    """Tokens of selected layers of a timm ViT, as feature maps (see the module docstring)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        name: str,
+        out_indices: Sequence[int],
+        out_features: Sequence[str],
+        pretrained: bool = False,
+        in_chans: int = 3,
+        extra_args: Optional[Dict] = None,
+    ):
+        """
+        Args:
+            name (str): timm ViT model name.
+            out_indices (list[int]): mmseg-style layer indices (-1 = embedding, depth - 1 =
+                final normed tokens).
+            out_features (list[str]): output names, one per index.
+            pretrained (bool): load timm's pretrained weights (downloads; needs network).
+            in_chans (int): input channels.
+            extra_args (dict): further keyword arguments of ``timm.create_model``.
+        """
+        super().__init__()
+        if len(out_indices) != len(out_features):
+            raise ValueError(
+                f"MODEL.TIMM.OUT_INDICES {list(out_indices)} and MODEL.TIMM.OUT_FEATURES "
+                f"{list(out_features)} must have the same length"
+            )
+        if len(set(out_features)) != len(out_features):
+            raise ValueError(f"MODEL.TIMM.OUT_FEATURES {list(out_features)} has duplicates")
+        if not timm.is_model(name):
+            raise ValueError(
+                f"MODEL.TIMM.NAME {name!r} is not a timm model (timm {timm.__version__})"
+            )
+        kwargs = {"dynamic_img_size": True, **(extra_args or {})}
+        try:
+            model = timm.create_model(
+                name, pretrained=pretrained, in_chans=in_chans, num_classes=0, **kwargs
+            )
+        except TypeError as e:  # e.g. a CNN does not take dynamic_img_size
+            raise ValueError(
+                f"MODEL.TIMM.NAME {name!r} with MODEL.TIMM.EXTRA_ARGS {extra_args}: timm could not "
+                f"build it as a ViT ({e}); for other timm models use MODEL.BACKBONE.NAME "
+                "'build_timm_backbone'"
+            ) from e
+        for attr in ("blocks", "patch_embed", "norm", "_pos_embed"):
+            if not hasattr(model, attr):
+                raise ValueError(
+                    f"MODEL.TIMM.NAME {name!r} is not a plain ViT (no '{attr}'); use "
+                    "MODEL.BACKBONE.NAME 'build_timm_backbone' for other timm models"
+                )
+        depth = len(model.blocks)
+        bad = [i for i in out_indices if not -1 <= int(i) < depth]
+        if bad:
+            raise ValueError(
+                f"MODEL.TIMM.OUT_INDICES {list(out_indices)}: {bad} outside [-1, {depth - 1}] "
+                f"for {name!r} ({depth} blocks)"
+            )
+        self.model = model
+        self._indices = [int(i) for i in out_indices]
+        self._last_needed = max(self._indices)
+        patch = model.patch_embed.patch_size
+        patch = patch if isinstance(patch, int) else patch[0]
+        self._patch = int(patch)
+        self._out_features = list(out_features)
+        self._out_feature_channels = {n: int(model.embed_dim) for n in out_features}
+        self._out_feature_strides = {n: self._patch for n in out_features}
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
+        t = cfg.MODEL.TIMM
+        return {
+            "name": t.NAME,
+            "pretrained": t.PRETRAINED,
+            "in_chans": t.IN_CHANS,
+            "out_indices": list(t.OUT_INDICES),
+            "out_features": list(t.OUT_FEATURES),
+            "extra_args": parse_timm_extra_args(t.EXTRA_ARGS),
+        }
+
+    @property
+    def size_divisibility(self) -> int:
+        """The patch size: inputs are padded to a whole number of patches."""
+        return self._patch
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            x (Tensor): (B, IN_CHANS, H, W), H and W multiples of the patch size p.
+
+        Returns:
+            dict[str, Tensor]: name -> (B, D, H / p, W / p) patch tokens of that layer.
+        """
+        if x.dim() != 4 or x.shape[-2] % self._patch or x.shape[-1] % self._patch:
+            raise ValueError(
+                f"TimmViTBackbone expects (B, C, H, W) with H, W multiples of the patch size "
+                f"{self._patch}; got {tuple(x.shape)} (pad to size_divisibility)"
+            )
+        m = self.model
+        b, h, w = x.shape[0], x.shape[-2] // self._patch, x.shape[-1] // self._patch
+        prefix = int(getattr(m, "num_prefix_tokens", 0))
+        tokens = m.patch_embed(x)
+        tokens = m._pos_embed(tokens)  # adds class / distillation tokens and the position embedding
+        tokens = m.patch_drop(tokens)
+        tokens = m.norm_pre(tokens)
+        found = {}
+        if -1 in self._indices:
+            found[-1] = tokens
+        last = len(m.blocks) - 1
+        for i, block in enumerate(m.blocks):
+            if i > self._last_needed:
+                break
+            tokens = block(tokens)
+            if i in self._indices:
+                found[i] = m.norm(tokens) if i == last else tokens
+        out = {}
+        for name, i in zip(self._out_features, self._indices):
+            t = found[i][:, prefix:]  # (B, h * w, D) patch tokens
+            out[name] = t.transpose(1, 2).reshape(b, t.shape[-1], h, w)
+        return out
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            n: ShapeSpec(
+                channels=self._out_feature_channels[n], stride=self._out_feature_strides[n]
+            )
+            for n in self._out_features
+        }
+
+
+@BACKBONE_REGISTRY.register()
+def build_timm_vit_backbone(cfg, input_shape: Optional[ShapeSpec] = None) -> TimmViTBackbone:
+    """detectron2 builder: ``MODEL.BACKBONE.NAME: "build_timm_vit_backbone"``."""
+    return TimmViTBackbone(cfg, input_shape)
