@@ -16,6 +16,11 @@ common to all inputs, keeping the input's extension (``a.jpg`` -> ``a.jpg.png``;
 keeps its name), so that ``a.jpg`` and ``a.png``, or ``x/a.png`` and ``y/a.png``, never overwrite
 each other; sub-folders are mirrored under ``--output``.
 
+ProtoSeg (``--paint-prototypes``): also writes ``<drawing>.prototypes.png`` (e.g.
+``a.jpg.prototypes.png``), each pixel painted with the colour of its nearest prototype: the
+class's hue, one shade per prototype (``seg_methods.engine.visualization.paint_prototypes``);
+the model returns "prototype_index" because ``MODEL.PROTOSEG.OUTPUT_PROTOTYPE_INDEX`` is set.
+
 Unreadable images (not an image, truncated, missing) are reported by name and skipped; the run
 goes on and prints the number of failures at the end. The exit code is 1 if any image failed.
 """
@@ -38,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from seg_methods.config import get_cfg  # noqa: E402
 from seg_methods.engine import build_predictor, draw_prediction, resolve_device  # noqa: E402
 from seg_methods.engine.visualization import available_prediction_kinds  # noqa: E402
+from seg_methods.engine.visualization import paint_prototypes  # noqa: E402  (ProtoSeg painting)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -74,6 +80,14 @@ def get_parser():
         help="draw the predictions of randomly initialised weights when MODEL.WEIGHTS is empty "
         "(refused otherwise)",
     )
+    # --- ProtoSeg prototype painting ---
+    parser.add_argument(
+        "--paint-prototypes",
+        action="store_true",
+        help="ProtoSeg models: also write <drawing>.prototypes.png, each pixel coloured by its "
+        "nearest prototype (class hue, prototype shade)",
+    )
+    # --- end ProtoSeg prototype painting ---
     parser.add_argument(
         "--opts",
         dest="flag_opts",
@@ -143,6 +157,15 @@ def setup_cfg(args):
     if opts[:1] == ["--opts"]:
         opts = opts[1:]
     cfg.merge_from_list(opts)
+    # --- ProtoSeg prototype painting ---
+    if getattr(args, "paint_prototypes", False):
+        if cfg.MODEL.META_ARCHITECTURE != "ProtoSeg":
+            raise ValueError(
+                "--paint-prototypes needs a ProtoSeg model; MODEL.META_ARCHITECTURE is "
+                f"{cfg.MODEL.META_ARCHITECTURE!r}"
+            )
+        cfg.MODEL.PROTOSEG.OUTPUT_PROTOTYPE_INDEX = True
+    # --- end ProtoSeg prototype painting ---
     resolve_device(cfg)
     cfg.freeze()
     return cfg
@@ -180,6 +203,18 @@ def main(argv=None) -> DemoResult:
         Image.fromarray(drawing).save(out_path)
         written.append(out_path)
         print(f"{path}: {elapsed:.3f} s, outputs {kinds}, drew {kinds[0]} -> {out_path}")
+        # --- ProtoSeg prototype painting ---
+        if args.paint_prototypes:
+            proto_path = out_path[: -len(".png")] + ".prototypes.png"
+            painting = paint_prototypes(
+                outputs["prototype_index"],
+                cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+                cfg.MODEL.PROTOSEG.NUM_PROTOTYPES,
+            )
+            Image.fromarray(painting).save(proto_path)
+            written.append(proto_path)
+            print(f"{path}: painted nearest prototypes -> {proto_path}")
+        # --- end ProtoSeg prototype painting ---
     print(f"Wrote {len(written)} drawings to {args.output}")
     if failed:
         print(

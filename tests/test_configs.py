@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 import torch
 import yaml
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from torch.overrides import TorchFunctionMode
 
@@ -354,6 +354,12 @@ def _check_mask2former(model, cfg):
 def test_yaml_builds(path: Path):
     rel = _rel(path)
     cfg = _load_cfg(path)
+    # (HSSN) A dataset whose classes are read from its own files at registration (metadata
+    # "classes_file": Mapillary Vistas 2.0's config_v2.0.json) has no class tree without them.
+    for name in cfg.DATASETS.TRAIN:
+        classes_file = MetadataCatalog.get(name).get("classes_file", None)
+        if classes_file is not None and not os.path.isfile(classes_file):
+            pytest.skip(f"{name}: its classes are read from {classes_file}, absent here")
     model = _meta_model(cfg)
     assert model.training
     assert all(p.is_meta for p in model.parameters())

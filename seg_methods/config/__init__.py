@@ -11,15 +11,21 @@ def add_seg_methods_config(cfg):
     from .axial_resnet import add_axial_resnet_config
     from .clustseg import add_clustseg_config
     from .cmt_deeplab import add_cmt_deeplab_config
+    from .crm import add_crm_config
+    from .hle import add_hle_config
     from .hssn import add_hssn_config
     from .mask2former import add_mask2former_config
     from .msdeform_pixel_decoder import add_msdeform_pixel_decoder_config
     from .per_pixel import add_per_pixel_config
     from .protoseg import add_protoseg_config
+    from .refinement_data import add_refinement_data_config
+    from .regproxy import add_regproxy_config
     from .swin import add_swin_config
+    from .timm_backbone import add_timm_backbone_config
 
     add_common_config(cfg)
     add_swin_config(cfg)
+    add_timm_backbone_config(cfg)  # generic timm backbone (MODEL.TIMM)
     add_axial_resnet_config(cfg)
     add_msdeform_pixel_decoder_config(cfg)
     add_axial_pixel_decoder_config(cfg)
@@ -29,6 +35,10 @@ def add_seg_methods_config(cfg):
     add_per_pixel_config(cfg)  # per-pixel semantic template (MODEL/TEST.PER_PIXEL)
     add_hssn_config(cfg)
     add_protoseg_config(cfg)
+    add_crm_config(cfg)  # CRM (MODEL.CRM)
+    add_refinement_data_config(cfg)  # INPUT.REFINEMENT (refinement mapper)
+    add_regproxy_config(cfg)  # RegProxy (MODEL.REGPROXY)
+    add_hle_config(cfg)  # Hierarchical Lovász Embeddings (MODEL.HLE)
     return cfg
 
 

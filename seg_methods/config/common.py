@@ -38,6 +38,11 @@ def add_common_config(cfg):
     # Poly schedule (WarmupPolyLR), used when SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR".
     cfg.SOLVER.POLY_LR_POWER = 0.9
     cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
+    # mmcv's cosine-restart schedule (WarmupCosineRestartLR): back-to-back periods (iterations),
+    # each annealed by a half cosine from its weight x BASE_LR to MIN_LR_RATIO x BASE_LR.
+    cfg.SOLVER.COSINE_RESTART_PERIODS = [20000, 40000, 100000]
+    cfg.SOLVER.COSINE_RESTART_WEIGHTS = [1.0, 0.5, 0.25]
+    cfg.SOLVER.COSINE_RESTART_MIN_LR_RATIO = 0.0
     # "full_model" clips the global norm of all parameters together (Mask2Former's setting);
     # detectron2's "value"/"norm" clip per parameter.
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"

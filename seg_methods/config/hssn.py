@@ -11,9 +11,18 @@ dataset metadata (``class_hierarchy``, see datasets/README.md), not a config key
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_hssn_config", "HSSN_BASES", "HSSN_INFERENCE_RULES", "HSSN_EMBED_DECODER"]
+__all__ = [
+    "add_hssn_config",
+    "HSSN_BASES",
+    "HSSN_PER_PIXEL",
+    "HSSN_MASK2FORMER",
+    "HSSN_INFERENCE_RULES",
+    "HSSN_EMBED_DECODER",
+]
 
-HSSN_BASES = ("per_pixel",)
+HSSN_PER_PIXEL = "per_pixel"
+HSSN_MASK2FORMER = "mask2former"
+HSSN_BASES = (HSSN_PER_PIXEL, HSSN_MASK2FORMER)
 HSSN_INFERENCE_RULES = ("path_min", "path_sum")
 # MODEL.HSSN.EMBED_IN_FEATURE value that projects the head's decoder output instead of a
 # backbone feature.
@@ -25,10 +34,15 @@ def add_hssn_config(cfg):
     if "HSSN" in cfg.MODEL:
         return
     m = cfg.MODEL.HSSN = CN()
-    # Segmentation network HSSN is put on. "per_pixel": DeepLabV3+ (PerPixelSemanticModel with
-    # detectron2's DeepLabV3PlusHead as a decoder, its classifier replaced by one sigmoid score per
-    # tree node). Mask2Former (Table 2's third row) is not implemented yet.
-    m.BASE = "per_pixel"
+    # Segmentation network HSSN is put on (META_ARCHITECTURE "HSSN" for both). "per_pixel":
+    # DeepLabV3+ (PerPixelSemanticModel with detectron2's DeepLabV3PlusHead as a decoder, its
+    # classifier replaced by one sigmoid score per tree node). "mask2former": Mask2Former (the
+    # MODEL.MASK2FORMER / MASK_CLS keys), each query scoring every tree node with a sigmoid
+    # (Table 2's third row is MaskFormer; see projects/HSSN/README.md). With "mask2former" the
+    # tree-min loss weight is MASK_CLS.CLASS_WEIGHT (TREE_MIN_WEIGHT is the per-pixel one),
+    # the no-object weight MASK_CLS.NO_OBJECT_WEIGHT, and EMBED_IN_FEATURE "decoder" means the
+    # pixel decoder's mask features.
+    m.BASE = HSSN_PER_PIXEL
 
     # ---------------- tree-min loss (Def. 3.2.3-3.2.4, Eq. 4-6) ----------------
     # Focal tree-min (Eq. 6) or plain tree-min (Eq. 5: the BCE of Eq. 4 on the tree-constrained

@@ -7,9 +7,9 @@ per class, 720-d embeddings, Sinkhorn-Knopp with 3 iterations and epsilon 0.05, 
 PPC / PPD weights 0.01 / 0.001. Where the official code and the paper differ, the default is the
 official code and the paper's version is an option (see projects/ProtoSeg/README.md).
 
-The backbone and the feature head are detectron2's (``MODEL.BACKBONE``, ``MODEL.SEM_SEG_HEAD``:
-a ``DeepLabV3PlusHead`` built without its class predictor); the cross-entropy weight is
-``MODEL.SEM_SEG_HEAD.LOSS_WEIGHT``.
+The backbone and the feature head are ``MODEL.BACKBONE`` and ``MODEL.SEM_SEG_HEAD`` (a
+``DeepLabV3PlusHead`` or an ``HRNetV2Head`` on a timm HRNet, built without its class predictor);
+the cross-entropy weight is ``MODEL.SEM_SEG_HEAD.LOSS_WEIGHT``.
 """
 
 from detectron2.config import CfgNode as CN
@@ -52,3 +52,14 @@ def add_protoseg_config(cfg):
     cfg.MODEL.PROTOSEG.PPD_WEIGHT = 0.001
     # Temperature of the PPC softmax over the C * M cosines; 1.0: the official raw cosines.
     cfg.MODEL.PROTOSEG.PPC_TEMPERATURE = 1.0
+    # Axis of the L2 normalisation right after the projection head: "channels" (ours, the paper)
+    # or "width" (the official ProjectionHead normalises its (B, D, h, w) output along the last
+    # axis, the image width; needed to reproduce the logits of official checkpoints, see
+    # tools/convert_protoseg_weights.py).
+    cfg.MODEL.PROTOSEG.PROJECTION_L2_AXIS = "channels"
+    # Per-class weights of the cross-entropy (C values, weighted mean as nn.CrossEntropyLoss);
+    # []: plain cross-entropy. The official Cityscapes recipe uses loss.params.ce_weight.
+    cfg.MODEL.PROTOSEG.CE_CLASS_WEIGHTS = []
+    # True: inference also returns "prototype_index" (height, width) int64, each pixel's nearest
+    # prototype c * M + m (one extra whole-image pass; used by demo/demo.py --paint-prototypes).
+    cfg.MODEL.PROTOSEG.OUTPUT_PROTOTYPE_INDEX = False

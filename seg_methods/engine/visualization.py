@@ -239,3 +239,77 @@ def visualize_dataset_predictions(cfg, model, mapper, output_dir: str) -> List[s
     paths = visualize_predictions(model, mapper, records, MetadataCatalog.get(name), output_dir)
     logger.info(f"Wrote {len(paths)} prediction drawings of '{name}' to {output_dir}")
     return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# ProtoSeg: nearest-prototype painting (demo/demo.py --paint-prototypes)
+# ------------------------------------------------------------------------------------------------
+def prototype_palette(num_classes: int, num_prototypes: int) -> np.ndarray:
+    """One RGB colour per (class, prototype): class c gets hue c / C, prototype m a shade.
+
+    Shades go from dark (m = 0, HSV value 0.45) to bright (m = M - 1, value 1.0) at saturation
+    0.85, so the prototypes of one class look alike and classes stay apart.
+
+    Args:
+        num_classes (int): C.
+        num_prototypes (int): M.
+
+    Returns:
+        np.ndarray: (C * M, 3) uint8, row ``c * M + m``.
+    """
+    c = np.arange(num_classes, dtype=np.float64)[:, None].repeat(num_prototypes, axis=1)
+    m = np.arange(num_prototypes, dtype=np.float64)[None, :].repeat(num_classes, axis=0)
+    hue = c / max(num_classes, 1)
+    value = 0.45 + 0.55 * m / max(num_prototypes - 1, 1)
+    sat = np.full_like(hue, 0.85)
+    # HSV -> RGB (vectorised colorsys.hsv_to_rgb)
+    i = np.floor(hue * 6.0).astype(int) % 6
+    f = hue * 6.0 - np.floor(hue * 6.0)
+    p, q, t = value * (1 - sat), value * (1 - sat * f), value * (1 - sat * (1 - f))
+    choices = [
+        (value, t, p),
+        (q, value, p),
+        (p, value, t),
+        (p, q, value),
+        (t, p, value),
+        (value, p, q),
+    ]
+    rgb = np.zeros(hue.shape + (3,))
+    for k, (r, g, b) in enumerate(choices):
+        sel = i == k
+        rgb[sel] = np.stack([r[sel], g[sel], b[sel]], axis=-1)
+    return np.round(rgb * 255).astype(np.uint8).reshape(-1, 3)
+
+
+def paint_prototypes(
+    prototype_index, num_classes: int, num_prototypes: int, image: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """Paint each pixel with the colour of its nearest prototype (:func:`prototype_palette`).
+
+    Args:
+        prototype_index (Tensor or np.ndarray): (H, W) int ids ``c * M + m`` (ProtoSeg's
+            "prototype_index" output).
+        num_classes (int): C.
+        num_prototypes (int): M.
+        image (np.ndarray or None): (H, W, 3) uint8 RGB; if given, the painting is blended
+            50/50 over it.
+
+    Returns:
+        np.ndarray: (H, W, 3) uint8 RGB.
+    """
+    if isinstance(prototype_index, torch.Tensor):
+        prototype_index = prototype_index.cpu().numpy()
+    ids = np.asarray(prototype_index, dtype=np.int64)
+    total = num_classes * num_prototypes
+    if ids.ndim != 2 or ids.size and (ids.min() < 0 or ids.max() >= total):
+        raise ValueError(
+            f"prototype_index must be (H, W) ids in [0, {total}) (C={num_classes} classes x "
+            f"M={num_prototypes} prototypes), got shape {ids.shape}"
+            + (f", range [{ids.min()}, {ids.max()}]" if ids.size else "")
+        )
+    painted = prototype_palette(num_classes, num_prototypes)[ids]
+    if image is not None:
+        if image.shape[:2] != ids.shape:
+            raise ValueError(f"image {image.shape[:2]} and prototype_index {ids.shape} differ")
+        painted = ((painted.astype(np.uint16) + image.astype(np.uint16)) // 2).astype(np.uint8)
+    return painted

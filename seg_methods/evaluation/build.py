@@ -18,6 +18,8 @@ cityscapes_instance            CityscapesInstanceEvaluator (instance)
 cityscapes_panoptic_seg        COCOPanopticEvaluator (panoptic), CityscapesSemSegEvaluator
                                (semantic), CityscapesInstanceEvaluator (instance)
 superpixel                     SuperpixelEvaluator (superpixel): ASA and CO
+refinement                     RefinementEvaluator (semantic): IoU and mBA of the refined
+                               masks and of their coarse inputs (CRM, BIG)
 =============================  ==========================================================
 
 A dataset whose metadata has ``class_hierarchy`` also gets ``HierarchicalSemSegEvaluator``
@@ -40,6 +42,7 @@ from detectron2.evaluation import (
 )
 
 from ..config.clustseg import superpixel_on
+from .boundary import RefinementEvaluator
 from .instance_evaluation import InstanceSegEvaluator
 from .superpixel import SuperpixelEvaluator
 
@@ -85,6 +88,10 @@ def _superpixel(dataset_name: str, output_folder: str):
     return SuperpixelEvaluator(dataset_name)
 
 
+def _refinement(dataset_name: str, output_folder: str):
+    return RefinementEvaluator(dataset_name)
+
+
 Factory = Callable[[str, str], object]
 _GENERIC_PANOPTIC: List[Tuple[str, Factory]] = [
     (PANOPTIC, _panoptic),
@@ -107,6 +114,7 @@ EVALUATORS: Dict[str, List[Tuple[str, Factory]]] = {
         (INSTANCE, _cityscapes_instance),
     ],
     "superpixel": [(SUPERPIXEL, _superpixel)],
+    "refinement": [(SEMANTIC, _refinement)],
 }
 
 

@@ -22,6 +22,7 @@ COCOPanopticEvaluator    metadata ``panoptic_json`` (file), ``panoptic_root``   
 Cityscapes evaluators    metadata ``gt_dir`` (folder); package                   SEMANTIC_ON /
                          ``cityscapesscripts``                                   INSTANCE_ON
 SuperpixelEvaluator      record ``regions_file_name``                            SUPERPIXEL_ON
+RefinementEvaluator      record ``mask_file_name`` (binary ground-truth PNG)     SEMANTIC_ON
 =======================  ======================================================  ===============
 """
 
@@ -107,6 +108,11 @@ REQUIREMENTS: Dict[str, Requirement] = {
         "SuperpixelEvaluator",
         record_fields=("regions_file_name",),
         fix="register ground-truth region maps (regions_file_name)",
+    ),
+    "_refinement": Requirement(
+        "RefinementEvaluator",
+        record_fields=("mask_file_name",),
+        fix="register binary ground-truth masks (mask_file_name, see the BIG section)",
     ),
 }
 

@@ -109,6 +109,7 @@ class HungarianMatcher(nn.Module):
         cost_dice: float = 1.0,
         num_points: int = 112 * 112,
         point_coords_fn: Optional[Callable[[int, torch.device], torch.Tensor]] = None,
+        class_cost_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     ):
         """
         Args:
@@ -119,6 +120,9 @@ class HungarianMatcher(nn.Module):
             point_coords_fn (callable, optional): ``(num_points, device) -> (1, P, 2)``
                 coordinates in [0, 1]^2, called once per image; defaults to
                 :func:`uniform_point_coords`. Tests pass fixed points through it.
+            class_cost_fn (callable, optional): ``(logits (Q, K'), labels (N,)) -> (Q, N)``
+                unweighted classification cost; defaults to :func:`pairwise_class_cost`
+                (``-softmax``). HSSN's Mask2Former variant passes its tree-min score.
         """
         super().__init__()
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
@@ -128,6 +132,7 @@ class HungarianMatcher(nn.Module):
         self.cost_dice = cost_dice
         self.num_points = num_points
         self.point_coords_fn = point_coords_fn or uniform_point_coords
+        self.class_cost_fn = class_cost_fn or pairwise_class_cost
 
     @classmethod
     def from_config(cls, cfg):
@@ -158,7 +163,7 @@ class HungarianMatcher(nn.Module):
         # which images are empty.
         point_coords = self.point_coords_fn(self.num_points, pred_masks.device)
         with torch.autocast(device_type=pred_masks.device.type, enabled=False):
-            cost_class = pairwise_class_cost(logits.float(), labels)  # (Q, N)
+            cost_class = self.class_cost_fn(logits.float(), labels)  # (Q, N)
             cost_bce, cost_dice = pairwise_mask_costs(pred_masks, target_masks, point_coords)
             cost = (
                 self.cost_mask * cost_bce

@@ -30,7 +30,7 @@ from detectron2.solver import build_lr_scheduler as _build_d2_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
 from torch import nn
 
-from .lr_scheduler import build_warmup_poly_lr
+from .lr_scheduler import build_warmup_cosine_restart_lr, build_warmup_poly_lr
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,15 @@ NORM_MODULE_TYPES = (
 )
 
 # Substrings of parameter names treated as embeddings (no weight decay by default).
-EMBED_PARAM_KEYWORDS = ("relative_position_bias_table", "absolute_pos_embed")
+# (ViTs: timm's "pos_embed", "cls_token" and DeiT's "dist_token", which mmseg-based recipes such as
+# RegProxy's exclude from weight decay.)
+EMBED_PARAM_KEYWORDS = (
+    "relative_position_bias_table",
+    "absolute_pos_embed",
+    "pos_embed",
+    "cls_token",
+    "dist_token",
+)
 
 
 def get_seg_optimizer_params(
@@ -196,6 +204,7 @@ LR_SCHEDULERS: Dict[str, Callable] = {
     "WarmupCosineLR": _build_d2_lr_scheduler,
     "WarmupStepWithFixedGammaLR": _build_d2_lr_scheduler,
     "WarmupPolyLR": build_warmup_poly_lr,
+    "WarmupCosineRestartLR": build_warmup_cosine_restart_lr,
 }
 
 

@@ -25,6 +25,7 @@ from seg_methods.evaluation import (
     SuperpixelEvaluator,
     build_evaluator,
 )
+from seg_methods.evaluation.boundary import RefinementEvaluator
 
 PAN = [COCOPanopticEvaluator, InstanceSegEvaluator, SemSegEvaluator]
 EXPECTED = {
@@ -41,6 +42,7 @@ EXPECTED = {
         CityscapesInstanceEvaluator,
     ],
     "superpixel": [SuperpixelEvaluator],
+    "refinement": [RefinementEvaluator],  # seg_methods/evaluation/boundary.py (CRM)
 }
 
 

@@ -352,7 +352,7 @@ def test_hssn_config_errors(tiny_synthetic):
     from detectron2.modeling import build_model
 
     cfg = _quick_cfg(tiny_synthetic)
-    cfg.MODEL.HSSN.BASE = "mask2former"
+    cfg.MODEL.HSSN.BASE = "deeplab"  # "per_pixel" and "mask2former" only
     with pytest.raises(ValueError, match="MODEL.HSSN.BASE"):
         build_model(cfg)
     cfg = _quick_cfg(tiny_synthetic)

@@ -213,3 +213,40 @@ def test_detectron2_schedules_are_reachable():
     cfg.SOLVER.GAMMA = 0.1
     lrs = _lrs(cfg, 6)
     assert lrs[:3] == pytest.approx([1.0] * 3) and lrs[3:] == pytest.approx([0.1] * 3)
+
+
+def test_cosine_restart_follows_mmcv_policy():
+    """mmcv CosineRestart (periods 20k/40k/100k, weights 1/0.5/0.25, min ratio 0) with the linear
+    multiplicative warmup, values computed by hand."""
+    import math
+
+    from seg_methods.config import get_cfg
+    from seg_methods.solver.build import build_lr_scheduler
+
+    cfg = get_cfg()
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupCosineRestartLR"
+    cfg.SOLVER.BASE_LR = 1.0
+    cfg.SOLVER.WARMUP_ITERS = 1500
+    cfg.SOLVER.WARMUP_FACTOR = 1e-6
+    cfg.SOLVER.WARMUP_METHOD = "linear"
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_lr_scheduler(cfg, opt)
+    lrs = {}
+    for it in range(160001):
+        if it in (0, 750, 1500, 10000, 20000, 40000, 60000, 160000):
+            lrs[it] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    cos = lambda a: 0.5 * (1 + math.cos(math.pi * a))  # noqa: E731
+    assert lrs[0] == pytest.approx(1e-6 * cos(0))
+    assert lrs[750] == pytest.approx((1e-6 + (1 - 1e-6) * 0.5) * cos(750 / 20000))
+    assert lrs[1500] == pytest.approx(cos(1500 / 20000))
+    assert lrs[10000] == pytest.approx(0.5)
+    assert lrs[20000] == pytest.approx(0.5)  # restart at weight 0.5
+    assert lrs[40000] == pytest.approx(0.5 * cos(0.5))
+    assert lrs[60000] == pytest.approx(0.25)  # third period starts at weight 0.25
+    assert lrs[160000] == pytest.approx(0.0, abs=1e-12)
+    assert set(sched.state_dict()) <= {"base_lrs", "last_epoch", "_step_count", "_last_lr"}
+    cfg.SOLVER.COSINE_RESTART_WEIGHTS = [1.0]
+    with pytest.raises(ValueError, match="COSINE_RESTART"):
+        build_lr_scheduler(cfg, opt)

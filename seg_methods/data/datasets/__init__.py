@@ -6,7 +6,9 @@ Importing this package (``import seg_methods`` does) registers, lazily:
 * ``coco_2017_{train,val}_panoptic_with_sem_seg`` (plus detectron2's ``coco_2017_*``);
 * ``ade20k_panoptic_{train,val}`` (plus detectron2's ``ade20k_sem_seg_*``);
 * detectron2's ``cityscapes_fine_{instance_seg,sem_seg,panoptic}_*`` (layout checks, hierarchy);
-* ``mapillary_vistas_{sem_seg,panoptic}_{train,val}``.
+* ``mapillary_vistas_{sem_seg,panoptic}_{train,val}``;
+* ``mapillary_vistas_v2_sem_seg_{train,val}`` (classes read from the dataset's config_v2.0.json);
+* ``pascal_person_part_sem_seg_{train,val}``.
 
 Layouts and preparation scripts: ``datasets/README.md``.
 """

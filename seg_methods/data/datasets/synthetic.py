@@ -52,7 +52,9 @@ How to extend it:
   above) and the metadata ``regions_root``; the instance-level maps are the panoptic PNGs.
 * **High resolution**: every length is relative to the image size, so a high-resolution split is
   ``register_synthetic("synthetic_hr", image_size=1024, num_train=100, num_val=50)`` (its own
-  folder and names ``synthetic_hr_*``).
+  folder and names ``synthetic_hr_*``). For mask refinement (CRM, one object per record, stored
+  coarse masks, 2048 x 2048 val scenes with thin structures) see ``synthetic_highres.py``
+  (``synthetic_highres_{train,val}``).
 * All parameters are in :class:`SyntheticConfig`; ``register_synthetic(..., **overrides)`` passes
   any of them. A changed config or generator source regenerates the folder.
 """

@@ -14,6 +14,12 @@ super-classes). The top level may hold several nodes (an implicit root sits abov
 * :func:`tree_triplet_loss`: Eq. 7 with the hierarchy-aware margin.
 * :func:`leaf_path_logits`: tree-respecting inference scores of the leaves.
 
+The Mask2Former variant (``MODEL.HSSN.BASE: "mask2former"``) uses the same functions with the
+query in the place of the pixel: :func:`tree_min_query_losses` (Eq. 5/6 per query, "no object" =
+every node negative), :func:`tree_class_cost` (matching), :class:`HSSNSetCriterion` /
+:func:`build_hssn_set_criterion`, :func:`tree_semantic_inference` and
+:func:`semantic_labels_from_masks` (per-pixel labels of the triplet loss from the targets' masks).
+
 Void pixels are excluded from every term (the ports overwrite void with class 0 in place; we do
 not), and an all-void batch gives 0 (attached to the graph), never NaN.
 
@@ -22,13 +28,17 @@ Shape shorthand:
 """
 
 import math
-from typing import List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ...data.datasets.class_tables import hierarchy_from_parent_map
 from ...data.target_generators.hierarchy import ClassHierarchyTargets, hierarchy_lookup
+from ..matcher import HungarianMatcher
 from ..meta_arch.per_pixel import per_pixel_cross_entropy
+from .base import expand_aux_weights
+from .set_criterion import SetCriterion
 
 __all__ = [
     "ClassTree",
@@ -39,6 +49,12 @@ __all__ = [
     "tree_triplet_loss",
     "triplet_ramp",
     "leaf_path_logits",
+    "tree_min_query_losses",
+    "tree_class_cost",
+    "tree_semantic_inference",
+    "semantic_labels_from_masks",
+    "HSSNSetCriterion",
+    "build_hssn_set_criterion",
 ]
 
 
@@ -48,7 +64,9 @@ class ClassTree:
     The level format (a parent index per node) cannot express a cycle or a node with two
     parents; the checks here are those left: consistent lengths, parent indices in range (both by
     :class:`ClassHierarchyTargets`), as many leaves as the model's classes, and no childless
-    node above level 0.
+    node above level 0. A tree written as a child -> parent map of names, where a cycle, a
+    missing class or two roots can occur, goes through :meth:`from_parent_map`, which rejects
+    them; :meth:`parent_map` gives that form back (tests check every registered tree with it).
 
     Attributes:
         level_sizes (list[int]): nodes per level (level 0 = leaves).
@@ -89,6 +107,45 @@ class ClassTree:
         self.offsets: List[int] = [sum(self.level_sizes[:l]) for l in range(len(names))]
         self.ancestors = hierarchy_lookup(self.parents, self.level_sizes[0])  # (L, C)
         self.paths = self.ancestors + torch.tensor(self.offsets).view(-1, 1)  # (L, C)
+
+    @classmethod
+    def from_parent_map(
+        cls,
+        classes: List[str],
+        parent_of: Mapping[str, Optional[str]],
+        num_classes: Optional[int] = None,
+        source: str = "",
+    ) -> "ClassTree":
+        """The tree of a child -> parent map of node names, checked: no cycle, exactly one root
+        (dropped: the implicit root), every class present and a leaf, one depth for all classes
+        (:func:`~seg_methods.data.datasets.class_tables.hierarchy_from_parent_map`).
+
+        Raises:
+            ValueError: naming the cycle, the missing classes or the roots.
+        """
+        where = f" ({source})" if source else ""
+        try:
+            hierarchy = hierarchy_from_parent_map(classes, parent_of)
+        except ValueError as e:
+            raise ValueError(f"class_hierarchy{where}: {e}") from None
+        return cls(hierarchy, num_classes, source)
+
+    def parent_map(self) -> Dict[str, Optional[str]]:
+        """The tree as a child -> parent map (the inverse of :meth:`from_parent_map`).
+
+        Node ids are ``"<level>.<index>:<name>"`` (names may repeat across levels); the top
+        level's nodes have the implicit root ``"root"`` as parent, which maps to None.
+        """
+
+        def node(level: int, i: int) -> str:
+            return f"{level}.{i}:{self.names[level][i]}"
+
+        out: Dict[str, Optional[str]] = {"root": None}
+        for level in range(self.num_levels):
+            for i in range(self.level_sizes[level]):
+                top = level == self.num_levels - 1
+                out[node(level, i)] = "root" if top else node(level + 1, self.parents[level][i])
+        return out
 
     @property
     def num_levels(self) -> int:
@@ -148,6 +205,18 @@ def tree_min_logits(node_logits: torch.Tensor, tree: ClassTree):
     return torch.cat(pos, dim=1), torch.cat(neg, dim=1)
 
 
+def _tree_min_terms(p: torch.Tensor, q: torch.Tensor, focal: bool, gamma: float):
+    """Per-node terms of Eq. 5 / Eq. 6 from positive / negative logits p, q (same shape):
+    ``-q^g log(1 - q)`` for a negative and ``-(1 - p)^g log p`` for a positive (sigmoids of the
+    logits; g = 0 without focal). Returns (negative terms, positive terms)."""
+    neg_term = -F.logsigmoid(-q)  # -log(1 - q)
+    pos_term = -F.logsigmoid(p)  # -log p
+    if focal:
+        neg_term = neg_term * torch.sigmoid(q).pow(gamma)
+        pos_term = pos_term * torch.sigmoid(-p).pow(gamma)  # (1 - p)^g
+    return neg_term, pos_term
+
+
 def tree_min_loss(
     node_logits: torch.Tensor,
     targets: torch.Tensor,
@@ -189,11 +258,7 @@ def tree_min_loss(
     total = node_logits.new_zeros(())
     for l in range(tree.num_levels):
         p, q = tree.level(pos, l), tree.level(neg, l)  # (B, n_l, H, W)
-        neg_term = -F.logsigmoid(-q)  # -log(1 - q)
-        pos_term = -F.logsigmoid(p)  # -log p
-        if focal:
-            neg_term = neg_term * torch.sigmoid(q).pow(gamma)
-            pos_term = pos_term * torch.sigmoid(-p).pow(gamma)  # (1 - p)^g
+        neg_term, pos_term = _tree_min_terms(p, q, focal, gamma)
         y = labels[l].masked_fill(~valid, 0).unsqueeze(1)  # (B, 1, H, W)
         per_pixel = (
             neg_term.sum(1) - neg_term.gather(1, y).squeeze(1) + pos_term.gather(1, y).squeeze(1)
@@ -332,23 +397,251 @@ def triplet_ramp(step: int, final_weight: float, ramp_iters: int) -> float:
 def leaf_path_logits(node_logits: torch.Tensor, tree: ClassTree, rule: str) -> torch.Tensor:
     """Tree-respecting leaf scores: every leaf scored by its whole root path.
 
+    Also used on other node scores of the same layout: the per-query node logits of the
+    Mask2Former variant, (Q, N) -> (Q, C) (its matching cost), and its per-pixel node scores
+    (sum over queries of mask x node probability).
+
     Args:
-        node_logits (Tensor): (B, N, H, W).
+        node_logits (Tensor): (B, N, ...) node scores along dim 1, e.g. (B, N, H, W) or (Q, N).
         tree (ClassTree): the tree.
         rule (str): "path_min": min of the path's logits (= logit of the tree-min positive score
             of Def. 3.2.3, which the loss trains; a leaf can only win if all its ancestors score
             at least as high); "path_sum": sum of the path's logits (the ports' additive rule).
 
     Returns:
-        Tensor: (B, C, H, W); the argmax over C gives a leaf whose ancestors are the predictions
+        Tensor: (B, C, ...); the argmax over C gives a leaf whose ancestors are the predictions
         of the coarser levels.
     """
-    b, _, h, w = node_logits.shape
+    b, rest = node_logits.shape[0], node_logits.shape[2:]
     paths = tree.paths.to(node_logits.device)  # (L, C)
     gathered = node_logits.index_select(1, paths.reshape(-1))
-    gathered = gathered.reshape(b, tree.num_levels, tree.num_leaves, h, w)
+    gathered = gathered.reshape(b, tree.num_levels, tree.num_leaves, *rest)
     if rule == "path_min":
         return gathered.amin(dim=1)
     if rule == "path_sum":
         return gathered.sum(dim=1)
     raise ValueError(f"MODEL.HSSN.INFERENCE must be 'path_min' or 'path_sum', got {rule!r}")
+
+
+# ----------------------------------------------------------------------------- Mask2Former variant
+# HSSN on the mask-classification template: every query scores the N tree nodes with sigmoids
+# (instead of a softmax over K + 1 classes); the per-query terms below are the per-pixel ones of
+# Eq. 4-6 with the query in the place of the pixel.
+
+
+def tree_min_query_losses(
+    node_logits: torch.Tensor,
+    labels: torch.Tensor,
+    tree: ClassTree,
+    *,
+    focal: bool = True,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """Tree-min (Eq. 5) or focal tree-min (Eq. 6) loss of every query.
+
+    A query with a leaf label y has the positives of a pixel of class y (y's root path) and
+    negatives everywhere else, scored by the tree-constrained scores of Def. 3.2.3-3.2.4 (the
+    T-constraints per query). A "no object" query (label -1) has no positive: every node is a
+    negative, so its loss pushes all its node scores (each node's subtree maximum) to 0. Per
+    query, each level's terms are divided by the level's node count and the levels summed, so the
+    mean over queries equals :func:`tree_min_loss` over pixels with the same logits and labels.
+
+    Args:
+        node_logits (Tensor): (P, N) node logits of P queries.
+        labels (Tensor): (P,) int64 leaf labels in [0, C), or -1 for "no object".
+        tree (ClassTree): the tree.
+        focal (bool): Eq. 6 instead of Eq. 5.
+        gamma (float): focusing exponent of Eq. 6.
+
+    Returns:
+        Tensor: (P,) per-query losses (empty for P = 0).
+    """
+    if node_logits.dim() != 2 or node_logits.shape[1] != tree.num_nodes:
+        raise ValueError(
+            f"expected (P, {tree.num_nodes}) query node logits, got {tuple(node_logits.shape)}"
+        )
+    pos, neg = tree_min_logits(node_logits[:, :, None, None], tree)
+    pos, neg = pos[:, :, 0, 0], neg[:, :, 0, 0]  # (P, N)
+    no_object = labels < 0
+    level_labels = tree.level_labels(labels, ignore_value=-1).clamp(min=0)  # (L, P)
+    total = node_logits.new_zeros(node_logits.shape[0])
+    for l in range(tree.num_levels):
+        p, q = tree.level(pos, l), tree.level(neg, l)  # (P, n_l)
+        neg_term, pos_term = _tree_min_terms(p, q, focal, gamma)
+        y = level_labels[l].unsqueeze(1)  # (P, 1)
+        positive = pos_term.gather(1, y).squeeze(1) - neg_term.gather(1, y).squeeze(1)
+        per_query = neg_term.sum(1) + positive.masked_fill(no_object, 0.0)
+        total = total + per_query / tree.level_sizes[l]
+    return total
+
+
+def tree_class_cost(tree: ClassTree) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Matching class cost of the Mask2Former variant: ``-sigmoid(path-min logit of c_j)``.
+
+    The tree-min positive score (Def. 3.2.3) of the target's leaf, i.e. the smallest node
+    probability on its root path, takes the place of MaskFormer's ``-p_i(c_j)`` (Sec. 3.2).
+
+    Args:
+        tree (ClassTree): the tree.
+
+    Returns:
+        callable: ``(node_logits (Q, N), labels (T,)) -> (Q, T)`` cost, for
+        :class:`~seg_methods.modeling.matcher.HungarianMatcher`'s ``class_cost_fn``.
+    """
+
+    def cost(node_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        leaf = leaf_path_logits(node_logits, tree, "path_min")  # (Q, C)
+        return -leaf.sigmoid()[:, labels.to(leaf.device)]
+
+    return cost
+
+
+def tree_semantic_inference(
+    node_logits: torch.Tensor, mask_logits: torch.Tensor, tree: ClassTree, rule: str
+) -> torch.Tensor:
+    """Per-pixel leaf scores of the Mask2Former variant.
+
+    Mask2Former's semantic inference with sigmoids: node score ``s_v(x) = sum_q sigmoid(z_qv)
+    sigmoid(m_q(x))`` (no "no object" column to drop: a query that is no object has low scores
+    on every node and contributes little), then the tree-respecting leaf score of
+    :func:`leaf_path_logits` on those per-pixel node scores ("path_min": the smallest score on
+    the leaf's root path; "path_sum": their sum).
+
+    Args:
+        node_logits (Tensor): (Q, N) node logits of one image.
+        mask_logits (Tensor): (Q, H, W) mask logits.
+        tree (ClassTree): the tree.
+        rule (str): "path_min" or "path_sum".
+
+    Returns:
+        Tensor: (C, H, W) leaf scores (argmax = prediction; its ancestors are the coarser levels'
+        predictions).
+    """
+    nodes = torch.einsum("qn,qhw->nhw", node_logits.sigmoid(), mask_logits.sigmoid())
+    return leaf_path_logits(nodes.unsqueeze(0), tree, rule)[0]
+
+
+def semantic_labels_from_masks(
+    targets: List[Mapping[str, torch.Tensor]], size, ignore_value: int
+) -> torch.Tensor:
+    """Per-pixel leaf labels of a batch from the set criterion's targets.
+
+    Args:
+        targets (list[dict]): per image "labels" (T,) and "masks" (T, H, W), zero-padded to the
+            padded input size (the mask-classification template's targets).
+        size (tuple[int, int]): (H, W).
+        ignore_value (int): label of pixels no mask covers (void and padding).
+
+    Returns:
+        Tensor: (B, H, W) int64.
+    """
+    out = []
+    for t in targets:
+        sem = torch.full(tuple(size), ignore_value, dtype=torch.int64, device=t["labels"].device)
+        masks = t["masks"]
+        for label, mask in zip(t["labels"].tolist(), masks):
+            sem[: mask.shape[0], : mask.shape[1]][mask.bool()] = int(label)
+        out.append(sem)
+    return torch.stack(out)
+
+
+class HSSNSetCriterion(SetCriterion):
+    """The set criterion with HSSN's class terms on per-query node logits.
+
+    Matching: the shared Hungarian matcher with :func:`tree_class_cost` as its class cost (same
+    weights as Mask2Former's). Losses: "labels" is replaced by
+
+    * "loss_tree_min": :func:`tree_min_query_losses` of every query (matched: the target leaf's
+      path positive, the rest negative; unmatched: "no object", every node negative), averaged
+      with weight 1 for matched and ``eos_coef`` (``MASK_CLS.NO_OBJECT_WEIGHT``) for unmatched
+      queries, as the weighted cross-entropy it replaces;
+    * "loss_level_ce" (optional): the ports' per-level softmax cross-entropy on the matched
+      queries' node logits, mean over matched queries, summed over levels.
+
+    "masks" (point-sampled BCE + dice of the matched pairs) and deep supervision are
+    :class:`SetCriterion`'s.
+
+    Args:
+        tree (ClassTree): the tree (``pred_logits`` is (B, Q, N)).
+        focal (bool), gamma (float): Eq. 6 (else Eq. 5) and its exponent.
+        level_ce (bool): compute "loss_level_ce".
+        **kwargs: :class:`SetCriterion` arguments (``num_classes`` = C leaves).
+    """
+
+    def __init__(
+        self, *, tree: ClassTree, focal: bool = True, gamma: float = 2.0, level_ce: bool = False,
+        **kwargs,
+    ):  # fmt: skip
+        super().__init__(**kwargs)
+        self.tree = tree
+        self.focal, self.gamma, self.level_ce = focal, gamma, level_ce
+
+    def loss_labels(
+        self, outputs: Dict, targets: List[Dict], indices: List[Tuple], num_masks: float
+    ) -> Dict[str, torch.Tensor]:
+        """Tree-min loss of every query (+ per-level CE of the matched ones).
+
+        Args:
+            outputs (dict): needs "pred_logits" (B, Q, N) node logits.
+            targets (list[dict]): need "labels" (T_b,) leaf labels.
+            indices (list[tuple]): matcher output.
+            num_masks (float): unused.
+
+        Returns:
+            dict: {"loss_tree_min": scalar} (+ "loss_level_ce"); defined (finite) for a batch
+            without any target: every query is then "no object".
+        """
+        logits = outputs["pred_logits"].float()  # (B, Q, N)
+        batch_idx, src_idx = self._src_permutation_idx(indices)
+        matched = torch.cat(
+            [t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, indices)]
+        ).to(device=logits.device, dtype=torch.int64)
+        labels = torch.full(logits.shape[:2], -1, dtype=torch.int64, device=logits.device)
+        labels[batch_idx, src_idx] = matched
+        flat_logits, flat_labels = logits.flatten(0, 1), labels.flatten()
+        per_query = tree_min_query_losses(
+            flat_logits, flat_labels, self.tree, focal=self.focal, gamma=self.gamma
+        )
+        weight = torch.where(flat_labels >= 0, 1.0, self.eos_coef).to(per_query)
+        losses = {"loss_tree_min": (weight * per_query).sum() / weight.sum().clamp(min=1e-6)}
+        if self.level_ce:
+            losses["loss_level_ce"] = self._level_ce(logits[batch_idx, src_idx], matched)
+        return losses
+
+    def _level_ce(self, node_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(M, N) matched node logits, (M,) leaves -> sum over levels of the mean softmax CE."""
+        if labels.numel() == 0:
+            return node_logits.sum() * 0.0
+        level_labels = self.tree.level_labels(labels, ignore_value=-1)  # (L, M)
+        return sum(
+            F.cross_entropy(self.tree.level(node_logits, l), level_labels[l])
+            for l in range(self.tree.num_levels)
+        )
+
+
+def build_hssn_set_criterion(cfg, tree: ClassTree, num_aux_outputs: int) -> HSSNSetCriterion:
+    """:class:`HSSNSetCriterion` from ``cfg.MODEL.MASK_CLS.*`` and ``cfg.MODEL.HSSN.*``.
+
+    Weights: "loss_tree_min" takes ``MASK_CLS.CLASS_WEIGHT`` (the term it replaces; also the
+    weight of the tree class cost in the matcher), "loss_level_ce" ``HSSN.LEVEL_CE_WEIGHT`` (0:
+    not computed), masks and dice as Mask2Former; every auxiliary output gets the same weights
+    with ``MASK_CLS.DEEP_SUPERVISION``.
+
+    Args:
+        cfg (CfgNode): the config.
+        tree (ClassTree): the tree.
+        num_aux_outputs (int): auxiliary predictions of the decoder.
+
+    Returns:
+        HSSNSetCriterion
+    """
+    m, h = cfg.MODEL.MASK_CLS, cfg.MODEL.HSSN
+    args = SetCriterion.from_config(cfg, tree.num_leaves, num_aux_outputs)
+    args["matcher"] = HungarianMatcher(cfg, class_cost_fn=tree_class_cost(tree))
+    base = {"loss_tree_min": m.CLASS_WEIGHT, "loss_mask": m.MASK_WEIGHT, "loss_dice": m.DICE_WEIGHT}
+    if h.LEVEL_CE_WEIGHT > 0:
+        base["loss_level_ce"] = h.LEVEL_CE_WEIGHT
+    args["weight_dict"] = expand_aux_weights(base, num_aux_outputs if m.DEEP_SUPERVISION else 0)
+    return HSSNSetCriterion(
+        tree=tree, focal=h.FOCAL, gamma=h.FOCAL_GAMMA, level_ce=h.LEVEL_CE_WEIGHT > 0, **args
+    )

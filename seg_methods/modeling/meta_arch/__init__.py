@@ -5,4 +5,7 @@ from .mask_classification import MaskClassificationModel  # noqa: F401
 from .clustseg import ClustSeg  # noqa: F401
 from .per_pixel import PerPixelSemanticModel  # noqa: F401
 from .protoseg import ProtoSeg  # noqa: F401
-from .hssn import HSSN  # noqa: F401
+from .hssn import HSSN  # noqa: F401  (also HSSNMask2Former, built by HSSN for BASE "mask2former")
+from .crm import CRM  # noqa: F401
+from .regproxy import RegProxy  # noqa: F401
+from .hle import HierarchicalLovaszEmbedding  # noqa: F401

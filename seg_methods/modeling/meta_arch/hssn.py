@@ -1,5 +1,8 @@
 """HSSN: Deep Hierarchical Semantic Segmentation (Li et al., CVPR 2022) on the per-pixel template.
 
+(``MODEL.HSSN.BASE: "mask2former"`` selects the Mask2Former variant instead, built by the same
+``META_ARCHITECTURE: "HSSN"``: see ``hssn_mask2former.py``.)
+
 :class:`HSSN` is a :class:`PerPixelSemanticModel` (DeepLabV3+: detectron2's
 ``DeepLabV3PlusHead`` used as a decoder) that overrides hooks only:
 
@@ -27,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
 from detectron2.data import MetadataCatalog
 from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -35,7 +38,13 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ...config.hssn import HSSN_BASES, HSSN_EMBED_DECODER, HSSN_INFERENCE_RULES
+from ...config.hssn import (
+    HSSN_BASES,
+    HSSN_EMBED_DECODER,
+    HSSN_INFERENCE_RULES,
+    HSSN_MASK2FORMER,
+    HSSN_PER_PIXEL,
+)
 from ..criterion.hssn import (
     ClassTree,
     leaf_path_logits,
@@ -44,30 +53,11 @@ from ..criterion.hssn import (
     tree_triplet_loss,
     triplet_ramp,
 )
+from .hssn_common import class_tree_from_config, projection_head, trainer_iteration
+from .hssn_mask2former import HSSNMask2Former
 from .per_pixel import PerPixelSemanticModel
 
-__all__ = ["HSSN", "class_tree_from_config"]
-
-
-def class_tree_from_config(cfg) -> ClassTree:
-    """The :class:`ClassTree` of the first training set (else test set) metadata.
-
-    Raises:
-        KeyError: no dataset, or its metadata has no ``class_hierarchy``.
-    """
-    names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
-    if not names:
-        raise KeyError("HSSN reads its class tree from DATASETS.TRAIN[0] (or TEST[0]); both empty")
-    hierarchy = MetadataCatalog.get(names[0]).get("class_hierarchy", None)
-    if hierarchy is None:
-        raise KeyError(
-            f"HSSN needs metadata 'class_hierarchy' on dataset '{names[0]}' (see "
-            "datasets/README.md: {'names': [...], 'parents': [...]}); set it when registering "
-            "the dataset"
-        )
-    return ClassTree(
-        hierarchy, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, source=f"metadata of '{names[0]}'"
-    )
+__all__ = ["HSSN", "class_tree_from_config", "projection_head", "trainer_iteration"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -92,7 +82,21 @@ class HSSN(PerPixelSemanticModel):
         max_triplets_per_class (int): triplets drawn per anchor class.
         inference_rule (str): "path_min" or "path_sum" (see :func:`leaf_path_logits`).
         **kwargs: :class:`PerPixelSemanticModel` arguments.
+
+    ``HSSN(cfg)`` (what ``build_model`` calls for ``META_ARCHITECTURE: "HSSN"``) builds the
+    variant ``MODEL.HSSN.BASE`` names: this class for "per_pixel", and
+    :class:`~seg_methods.modeling.meta_arch.hssn_mask2former.HSSNMask2Former` (not a subclass:
+    it is a :class:`MaskClassificationModel`) for "mask2former" (see :meth:`__new__`).
     """
+
+    def __new__(cls, *args, **kwargs):
+        """One config switch, two templates: ``HSSN(cfg)`` with ``MODEL.HSSN.BASE:
+        "mask2former"`` returns an :class:`HSSNMask2Former` built from ``cfg`` (Python then skips
+        this class's ``__init__``, the object not being an HSSN); anything else is an HSSN."""
+        cfg = args[0] if args else kwargs.get("cfg")
+        if cls is HSSN and isinstance(cfg, CfgNode) and cfg.MODEL.HSSN.BASE == HSSN_MASK2FORMER:
+            return HSSNMask2Former(*args, **kwargs)
+        return super().__new__(cls)
 
     @configurable
     def __init__(
@@ -142,17 +146,7 @@ class HSSN(PerPixelSemanticModel):
         self.projection: Optional[nn.Module] = None
         if triplet_weight > 0:
             # the ports' "convmlp" projection head
-            self.projection = nn.Sequential(
-                Conv2d(
-                    embed_in_channels,
-                    embed_in_channels,
-                    kernel_size=1,
-                    bias=not norm,
-                    norm=get_norm(norm, embed_in_channels),
-                    activation=F.relu,
-                ),
-                nn.Conv2d(embed_in_channels, embed_dim, kernel_size=1),
-            )
+            self.projection = projection_head(embed_in_channels, embed_dim, norm)
         self.focal, self.focal_gamma = focal, focal_gamma
         self.tree_min_weight = tree_min_weight
         self.level_ce_weight = level_ce_weight
@@ -165,10 +159,10 @@ class HSSN(PerPixelSemanticModel):
     @classmethod
     def from_config(cls, cfg):
         h = cfg.MODEL.HSSN
-        if h.BASE not in HSSN_BASES:
+        if h.BASE != HSSN_PER_PIXEL:
             raise ValueError(
-                f"MODEL.HSSN.BASE must be one of {HSSN_BASES} (Mask2Former is not implemented "
-                f"yet), got {h.BASE!r}"
+                f"MODEL.HSSN.BASE must be one of {HSSN_BASES}, got {h.BASE!r} (this class is the "
+                f"{HSSN_PER_PIXEL!r} variant; HSSN(cfg) builds the one BASE names)"
             )
         tree = class_tree_from_config(cfg)
         # the head without its classifier: layers() returns the decoder feature
@@ -245,10 +239,7 @@ class HSSN(PerPixelSemanticModel):
     def _iteration(self) -> int:
         """The trainer's iteration (detectron2's ``EventStorage``), for the triplet ramp; outside
         a trainer (no storage) the ramp is taken as finished."""
-        try:
-            return get_event_storage().iter
-        except AssertionError:  # get_event_storage asserts that a storage is open
-            return self.triplet_ramp_iters
+        return trainer_iteration(self.triplet_ramp_iters)
 
     def losses(
         self,

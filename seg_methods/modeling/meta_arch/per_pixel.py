@@ -43,9 +43,50 @@ from torch import nn
 from ..test_time import SemSegTestTime
 from .common import require_inputs
 
-__all__ = ["LOSS_TYPES", "PerPixelSemanticModel", "per_pixel_cross_entropy"]
+__all__ = [
+    "FEATURE_HEADS",
+    "LOSS_TYPES",
+    "PerPixelSemanticModel",
+    "build_feature_head",
+    "per_pixel_cross_entropy",
+]
 
 LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
+# SEM_SEG_HEAD names that can be built as decoders without a class predictor (feature heads for
+# methods whose classifier is their own: ProtoSeg's prototypes, HLE's embedding space).
+FEATURE_HEADS = ("DeepLabV3PlusHead", "HRNetV2Head")
+
+
+def build_feature_head(cfg, input_shape, method: str, allowed: Tuple[str, ...] = FEATURE_HEADS):
+    """Build ``MODEL.SEM_SEG_HEAD`` as a decoder without its class predictor.
+
+    detectron2's DeepLabV3+ head (and our HRNetV2 head) skip the predictor when ``NUM_CLASSES`` is
+    None; the method then classifies the decoder's features itself.
+
+    Args:
+        cfg (CfgNode): the config (not modified).
+        input_shape (dict[str, ShapeSpec]): the backbone's output shapes.
+        method (str): the method's name, for the error message.
+        allowed (tuple[str]): head names the method accepts.
+
+    Returns:
+        tuple[nn.Module, int]: the head and the channels of its ``layers(features)`` output.
+    """
+    head_cfg = cfg.MODEL.SEM_SEG_HEAD
+    if head_cfg.NAME not in allowed:
+        raise ValueError(
+            f"{method} takes its pixel features from one of {allowed} built without a class "
+            f"predictor; MODEL.SEM_SEG_HEAD.NAME is {head_cfg.NAME!r}"
+        )
+    features_cfg = cfg.clone()
+    features_cfg.defrost()
+    features_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = None  # decoder only
+    head = build_sem_seg_head(features_cfg, input_shape)
+    if head_cfg.NAME == "HRNetV2Head" or len(head_cfg.IN_FEATURES) > 1:
+        channels = head_cfg.CONVS_DIM  # HRNetV2 fusion conv / DeepLabV3+ decoder
+    else:  # DeepLabV3 (ASPP only)
+        channels = head_cfg.ASPP_CHANNELS
+    return head, channels
 
 
 def per_pixel_cross_entropy(

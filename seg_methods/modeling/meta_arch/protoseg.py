@@ -13,9 +13,14 @@ assigned to them (momentum gamma, no gradient), and the pixel-prototype contrast
 distance (PPD) losses pull the embeddings to their assigned prototype, computed with the
 prototypes from before this step's update. See projects/ProtoSeg/README.md.
 
+Feature heads: detectron2's ``DeepLabV3PlusHead`` (ResNet configs) or ``HRNetV2Head`` on a timm
+HRNet (the official HRNet-W48 model; official checkpoints convert with
+tools/convert_protoseg_weights.py and need ``PROJECTION_L2_AXIS: "width"``).
+
 Shape shorthand:
     B: batch, C: classes, M: prototypes per class, D: embedding dim, H, W: padded input size,
-    h, w: feature size (H / 4 with a DeepLabV3+ head on res2), N = B * h * w pixels
+    h, w: feature size (H / 4 with a DeepLabV3+ head on res2 or the HRNetV2 head),
+    N = B * h * w pixels
 """
 
 from typing import Dict, List, Optional
@@ -25,7 +30,6 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import Conv2d
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.meta_arch.semantic_seg import build_sem_seg_head
 from detectron2.utils import comm
 from torch import nn
 
@@ -37,11 +41,12 @@ from ..criterion.protoseg import (
     ppc_loss,
     ppd_loss,
 )
-from .per_pixel import PerPixelSemanticModel
+from .per_pixel import FEATURE_HEADS, PerPixelSemanticModel, build_feature_head
 
-__all__ = ["PROJECTIONS", "ProtoSeg"]
+__all__ = ["FEATURE_HEADS", "L2_AXES", "PROJECTIONS", "ProtoSeg"]
 
 PROJECTIONS = ("convmlp", "linear")
+L2_AXES = ("channels", "width")
 
 
 def _projection_head(kind: str, in_channels: int, embed_dim: int) -> nn.Module:
@@ -63,7 +68,7 @@ class ProtoSeg(PerPixelSemanticModel):
     """Backbone + feature head + projection, classified by the nearest of M prototypes per class.
 
     Args (besides :class:`PerPixelSemanticModel`'s; ``sem_seg_head`` must return features,
-    e.g. a ``DeepLabV3PlusHead`` built without a predictor):
+    e.g. a ``DeepLabV3PlusHead`` or ``HRNetV2Head`` built without a predictor):
         feature_channels (int): channels of ``sem_seg_head.layers(features)``.
         num_prototypes (int): M.
         embed_dim (int): D.
@@ -77,6 +82,10 @@ class ProtoSeg(PerPixelSemanticModel):
         update_prototypes (bool): False freezes the prototypes.
         ppc_weight, ppd_weight (float): loss weights.
         ppc_temperature (float): PPC softmax temperature (official: 1).
+        projection_l2_axis (str): "channels" or "width" (official; see :meth:`embed`).
+        ce_class_weights (list[float] or None): per-class cross-entropy weights (official
+            Cityscapes recipe); None: plain cross-entropy.
+        output_prototype_index (bool): inference also returns "prototype_index".
     """
 
     @configurable
@@ -98,9 +107,22 @@ class ProtoSeg(PerPixelSemanticModel):
         ppc_weight: float = 0.01,
         ppd_weight: float = 0.001,
         ppc_temperature: float = 1.0,
+        projection_l2_axis: str = "channels",
+        ce_class_weights: Optional[List[float]] = None,
+        output_prototype_index: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if projection_l2_axis not in L2_AXES:
+            raise ValueError(
+                f"MODEL.PROTOSEG.PROJECTION_L2_AXIS must be one of {L2_AXES}, got "
+                f"{projection_l2_axis!r}"
+            )
+        if ce_class_weights and len(ce_class_weights) != self.num_classes:
+            raise ValueError(
+                f"MODEL.PROTOSEG.CE_CLASS_WEIGHTS has {len(ce_class_weights)} values for "
+                f"{self.num_classes} classes"
+            )
         if num_prototypes < 1 or embed_dim < 1:
             raise ValueError(
                 "MODEL.PROTOSEG.NUM_PROTOTYPES and MODEL.PROTOSEG.EMBED_DIM must be >= 1, got "
@@ -133,27 +155,26 @@ class ProtoSeg(PerPixelSemanticModel):
         self.ppc_weight = ppc_weight
         self.ppd_weight = ppd_weight
         self.ppc_temperature = ppc_temperature
+        self.projection_l2_axis = projection_l2_axis
+        self.output_prototype_index = output_prototype_index
+        if ce_class_weights:
+            self.register_buffer(
+                "ce_class_weights", torch.tensor(ce_class_weights, dtype=torch.float32), False
+            )
+        else:
+            self.ce_class_weights = None
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        head_cfg = cfg.MODEL.SEM_SEG_HEAD
-        if head_cfg.NAME != "DeepLabV3PlusHead":
-            raise ValueError(
-                "ProtoSeg takes its pixel features from a DeepLabV3PlusHead built without a class "
-                f"predictor; MODEL.SEM_SEG_HEAD.NAME is {head_cfg.NAME!r}"
-            )
         # The template built the head with a class predictor; ProtoSeg's classifier is the
         # prototypes, so the head is rebuilt in detectron2's decoder-only mode (no predictor).
-        features_cfg = cfg.clone()
-        features_cfg.defrost()
-        features_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = None
-        ret["sem_seg_head"] = build_sem_seg_head(features_cfg, ret["backbone"].output_shape())
+        ret["sem_seg_head"], feature_channels = build_feature_head(
+            cfg, ret["backbone"].output_shape(), "ProtoSeg"
+        )
         p = cfg.MODEL.PROTOSEG
         ret.update(
-            feature_channels=(
-                head_cfg.CONVS_DIM if len(head_cfg.IN_FEATURES) > 1 else head_cfg.ASPP_CHANNELS
-            ),
+            feature_channels=feature_channels,
             num_prototypes=p.NUM_PROTOTYPES,
             embed_dim=p.EMBED_DIM,
             projection=p.PROJECTION,
@@ -168,14 +189,23 @@ class ProtoSeg(PerPixelSemanticModel):
             ppc_weight=p.PPC_WEIGHT,
             ppd_weight=p.PPD_WEIGHT,
             ppc_temperature=p.PPC_TEMPERATURE,
+            projection_l2_axis=p.PROJECTION_L2_AXIS,
+            ce_class_weights=list(p.CE_CLASS_WEIGHTS) or None,
+            output_prototype_index=p.OUTPUT_PROTOTYPE_INDEX,
         )
         return ret
 
     # ------------------------------------------------------------------ pieces
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised batch (B, 3, H, W) -> unit pixel embeddings (B, D, h, w)."""
+        """Normalised batch (B, 3, H, W) -> unit pixel embeddings (B, D, h, w).
+
+        projection -> L2 (over the channels, or with ``projection_l2_axis="width"`` over the
+        last axis as the official ``ProjectionHead``) -> [LayerNorm(D) -> L2 over channels].
+        """
         feats = self.sem_seg_head.layers(self.backbone(images))
-        emb = F.normalize(self.projection(feats), dim=1)
+        emb = F.normalize(
+            self.projection(feats), dim=1 if self.projection_l2_axis == "channels" else -1
+        )
         if self.feature_norm is not None:
             emb = self.feature_norm(emb.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             emb = F.normalize(emb, dim=1)
@@ -248,13 +278,39 @@ class ProtoSeg(PerPixelSemanticModel):
     def losses(self, outputs, targets, batched_inputs, images) -> Dict[str, torch.Tensor]:
         """Hook: the template's cross-entropy ("loss_sem_seg": class logits upsampled to the
         padded input size, void excluded) plus the weighted PPC and PPD at feature resolution."""
-        losses = super().losses(outputs, targets, batched_inputs, images)
+        if self.ce_class_weights is None:
+            losses = super().losses(outputs, targets, batched_inputs, images)
+        else:
+            losses = {"loss_sem_seg": self.weighted_cross_entropy(outputs, targets)}
         proto_logits, proto_targets = outputs["proto_logits"], outputs["proto_targets"]
         losses["loss_ppc"] = (
             ppc_loss(proto_logits, proto_targets, self.ppc_temperature) * self.ppc_weight
         )
         losses["loss_ppd"] = ppd_loss(proto_logits, proto_targets) * self.ppd_weight
         return losses
+
+    def weighted_cross_entropy(
+        self, outputs: Dict[str, torch.Tensor], targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Class-weighted cross-entropy (official Cityscapes recipe): logits upsampled to the
+        padded input size, void excluded, weighted mean ``sum_i w_{y_i} CE_i / sum_i w_{y_i}``;
+        0 (attached to the graph) for an all-void batch. Times ``SEM_SEG_HEAD.LOSS_WEIGHT``."""
+        logits = self.segmentation_logits(outputs, targets.shape[-2:])
+        if not (targets != self.ignore_value).any():
+            return logits.sum() * 0.0
+        loss = F.cross_entropy(
+            logits, targets, weight=self.ce_class_weights, ignore_index=self.ignore_value
+        )
+        return loss * self.loss_weight
+
+    def inference(self, images, batched_inputs: List[Dict]) -> List[Dict]:
+        """Hook: the template's per-image ``{"sem_seg"}``; with ``output_prototype_index`` also
+        ``"prototype_index"`` (height, width) int64 from :meth:`nearest_prototypes`."""
+        results = super().inference(images, batched_inputs)
+        if self.output_prototype_index:
+            for r, ids in zip(results, self.nearest_prototypes(batched_inputs)):
+                r["prototype_index"] = ids
+        return results
 
     # ------------------------------------------------------------------ demo helper
     @torch.no_grad()

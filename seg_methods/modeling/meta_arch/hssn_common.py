@@ -1,0 +1,70 @@
+"""Pieces shared by HSSN's two variants (per-pixel :mod:`.hssn` and Mask2Former
+:mod:`.hssn_mask2former`): the class tree read from dataset metadata, the tree-triplet
+projection head and the trainer iteration for the triplet ramp.
+
+Shape shorthand: as in :mod:`seg_methods.modeling.criterion.hssn`.
+"""
+
+import torch.nn.functional as F
+from detectron2.data import MetadataCatalog
+from detectron2.layers import Conv2d, get_norm
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from ..criterion.hssn import ClassTree
+
+__all__ = ["class_tree_from_config", "projection_head", "trainer_iteration"]
+
+
+def class_tree_from_config(cfg) -> ClassTree:
+    """The :class:`ClassTree` of the first training set (else test set) metadata.
+
+    Raises:
+        KeyError: no dataset, or its metadata has no ``class_hierarchy``.
+    """
+    names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+    if not names:
+        raise KeyError("HSSN reads its class tree from DATASETS.TRAIN[0] (or TEST[0]); both empty")
+    meta = MetadataCatalog.get(names[0])
+    hierarchy = meta.get("class_hierarchy", None)
+    classes_file = meta.get("classes_file", None)
+    if hierarchy is None and classes_file is not None:
+        raise KeyError(
+            f"HSSN needs metadata 'class_hierarchy' on dataset '{names[0]}', which is read from "
+            f"{classes_file} when seg_methods registers the dataset; that file is missing (or "
+            "not in a supported form: loading the dataset says why; see datasets/README.md)"
+        )
+    if hierarchy is None:
+        raise KeyError(
+            f"HSSN needs metadata 'class_hierarchy' on dataset '{names[0]}' (see "
+            "datasets/README.md: {'names': [...], 'parents': [...]}); set it when registering "
+            "the dataset"
+        )
+    return ClassTree(
+        hierarchy, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, source=f"metadata of '{names[0]}'"
+    )
+
+
+def projection_head(in_channels: int, embed_dim: int, norm: str) -> nn.Module:
+    """The ports' "convmlp" projection of the tree-triplet embeddings: 1x1 conv, norm, ReLU,
+    1x1 conv to ``embed_dim`` (L2-normalised by the caller)."""
+    return nn.Sequential(
+        Conv2d(
+            in_channels,
+            in_channels,
+            kernel_size=1,
+            bias=not norm,
+            norm=get_norm(norm, in_channels),
+            activation=F.relu,
+        ),
+        nn.Conv2d(in_channels, embed_dim, kernel_size=1),
+    )
+
+
+def trainer_iteration(default: int) -> int:
+    """The trainer's iteration (detectron2's ``EventStorage``), for the triplet ramp; ``default``
+    outside a trainer (no storage open)."""
+    try:
+        return get_event_storage().iter
+    except AssertionError:  # get_event_storage asserts that a storage is open
+        return default
