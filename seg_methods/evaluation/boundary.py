@@ -28,7 +28,6 @@ Shape shorthand:
     H, W: image size.
 """
 
-import itertools
 import logging
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -40,6 +39,8 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from ..data.dataset_mappers.refinement import read_coarse_mask, read_gt_mask
+
+from .rows import gather_rows
 
 __all__ = [
     "MASK_THRESHOLD",
@@ -275,12 +276,9 @@ class RefinementEvaluator(DatasetEvaluator):
             self._rows.append(row)
 
     def evaluate(self):
-        rows = self._rows
-        if self._distributed:
-            comm.synchronize()
-            rows = list(itertools.chain(*comm.gather(rows, dst=0)))
-            if not comm.is_main_process():
-                return {}
+        rows = gather_rows(self._rows, self._distributed)
+        if rows is None:  # not the main process
+            return {}
         if not rows:
             logger.warning(f"RefinementEvaluator on {self.dataset_name}: no predictions")
             return {}

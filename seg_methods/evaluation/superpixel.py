@@ -19,16 +19,16 @@ Shape shorthand:
     H, W: image size
 """
 
-import itertools
 import logging
 from collections import OrderedDict
 from typing import Dict, List
 
 import numpy as np
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 
 from ..data.datasets.superpixel import read_regions
+
+from .rows import gather_rows
 
 __all__ = ["achievable_segmentation_accuracy", "compactness", "SuperpixelEvaluator"]
 
@@ -131,12 +131,9 @@ class SuperpixelEvaluator(DatasetEvaluator):
             )
 
     def evaluate(self):
-        rows = self._rows
-        if self._distributed:
-            comm.synchronize()
-            rows = list(itertools.chain(*comm.gather(rows, dst=0)))
-            if not comm.is_main_process():
-                return {}
+        rows = gather_rows(self._rows, self._distributed)
+        if rows is None:  # not the main process
+            return {}
         if not rows:
             logger.warning(f"SuperpixelEvaluator on {self.dataset_name}: no predictions")
             return {}
