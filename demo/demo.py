@@ -21,6 +21,11 @@ ProtoSeg (``--paint-prototypes``): also writes ``<drawing>.prototypes.png`` (e.g
 class's hue, one shade per prototype (``seg_methods.engine.visualization.paint_prototypes``);
 the model returns "prototype_index" because ``MODEL.PROTOSEG.OUTPUT_PROTOTYPE_INDEX`` is set.
 
+Hierarchical Lovász Embeddings (``--paint-embedding``): also writes ``<drawing>.embedding.png``,
+the first three dimensions of the unit pixel embedding as RGB (HLE Fig. 3;
+``seg_methods.modeling.postprocessing.hle_decoding.embedding_to_rgb``); the model returns
+"embedding" because ``MODEL.HLE.OUTPUT_EMBEDDING`` is set.
+
 Unreadable images (not an image, truncated, missing) are reported by name and skipped; the run
 goes on and prints the number of failures at the end. The exit code is 1 if any image failed.
 """
@@ -44,6 +49,7 @@ from seg_methods.config import get_cfg  # noqa: E402
 from seg_methods.engine import build_predictor, draw_prediction, resolve_device  # noqa: E402
 from seg_methods.engine.visualization import available_prediction_kinds  # noqa: E402
 from seg_methods.engine.visualization import paint_prototypes  # noqa: E402  (ProtoSeg painting)
+from seg_methods.modeling.postprocessing.hle_decoding import embedding_to_rgb  # noqa: E402  (HLE)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -88,6 +94,12 @@ def get_parser():
         "nearest prototype (class hue, prototype shade)",
     )
     # --- end ProtoSeg prototype painting ---
+    parser.add_argument(
+        "--paint-embedding",
+        action="store_true",
+        help="Hierarchical Lovasz Embedding models: also write <drawing>.embedding.png, the "
+        "embedding's first three dimensions as RGB",
+    )
     parser.add_argument(
         "--opts",
         dest="flag_opts",
@@ -166,6 +178,13 @@ def setup_cfg(args):
             )
         cfg.MODEL.PROTOSEG.OUTPUT_PROTOTYPE_INDEX = True
     # --- end ProtoSeg prototype painting ---
+    if getattr(args, "paint_embedding", False):
+        if cfg.MODEL.META_ARCHITECTURE != "HierarchicalLovaszEmbedding":
+            raise ValueError(
+                "--paint-embedding needs a HierarchicalLovaszEmbedding model; "
+                f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}"
+            )
+        cfg.MODEL.HLE.OUTPUT_EMBEDDING = True
     resolve_device(cfg)
     cfg.freeze()
     return cfg
@@ -215,6 +234,11 @@ def main(argv=None) -> DemoResult:
             written.append(proto_path)
             print(f"{path}: painted nearest prototypes -> {proto_path}")
         # --- end ProtoSeg prototype painting ---
+        if args.paint_embedding:
+            emb_path = out_path[: -len(".png")] + ".embedding.png"
+            Image.fromarray(embedding_to_rgb(outputs["embedding"])).save(emb_path)
+            written.append(emb_path)
+            print(f"{path}: painted the embedding (dimensions 0-2 as RGB) -> {emb_path}")
     print(f"Wrote {len(written)} drawings to {args.output}")
     if failed:
         print(

@@ -82,3 +82,5 @@ def add_hle_config(cfg):
     # > 1: the fast variant (seeds found on an embedding average-pooled by this factor, then
     # every full-resolution pixel assigned to its best seed); 1: exact.
     cfg.MODEL.HLE.DECODE.DOWNSAMPLE = 1
+    # Inference also returns "embedding" (D, H, W) unit embeddings (demo/demo.py --paint-embedding).
+    cfg.MODEL.HLE.OUTPUT_EMBEDDING = False

@@ -1,12 +1,16 @@
 """Hierarchical Lovász Embeddings: kernels, losses, Thomson initialisation, decoding, ablations."""
 
+import importlib.util
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from PIL import Image
 
 import seg_methods  # noqa: F401  registers the meta-architecture
 from seg_methods.config import get_cfg
@@ -464,3 +468,55 @@ def test_model_requires_instance_ids():
     with pytest.raises(ValueError, match="instance_embedding"):
         with EventStorage():
             model(batch)
+
+
+def test_demo_paints_the_embedding(tmp_path, capsys):
+    """demo/demo.py --paint-embedding writes <drawing>.embedding.png: the output "embedding"'s
+    first three dimensions mapped from [-1, 1] to [0, 255]; other models are refused."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("seg_demo", os.path.join(repo, "demo/demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    img = tmp_path / "in" / "a.png"
+    img.parent.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (36, 44, 3), dtype=np.uint8)).save(img)
+    quick = os.path.join(repo, "configs/quick_schedules")
+    out = tmp_path / "out"
+    argv = ["--input", str(img), "--output", str(out), "--random-weights"]
+    result = demo.main(
+        ["--config-file", os.path.join(quick, "hle_synthetic_panoptic_instant_test.yaml")]
+        + argv
+        + ["--paint-embedding", "INPUT.MIN_SIZE_TEST", "0"]
+    )
+    painted_path = out / "a.embedding.png"
+    assert str(painted_path) in result.written
+    painted = np.asarray(Image.open(painted_path))
+    assert painted.shape == (36, 44, 3)
+    assert "painted the embedding" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--paint-embedding needs a HierarchicalLovaszEmbedding"):
+        demo.main(
+            [
+                "--config-file",
+                os.path.join(quick, "per_pixel_deeplabv3plus_synthetic_semantic_instant_test.yaml"),
+            ]
+            + argv
+            + ["--paint-embedding"]
+        )
+
+
+def test_output_embedding_is_the_unit_embedding():
+    model = _model()
+    model.output_embedding = True
+    model.eval()
+    image = _batch()[0]["image"]
+    with torch.no_grad():
+        (out,) = model([{"image": image, "height": 40, "width": 50}])
+        emb = model.forward_head(model.preprocess_images([{"image": image}]).tensor)["embedding"]
+    assert out["embedding"].shape == (12, 40, 50)
+    assert torch.allclose(out["embedding"].norm(dim=0), torch.ones(40, 50), atol=1e-5)
+    ref = F.normalize(F.interpolate(emb, size=(40, 50), mode="bilinear"), dim=1)[0]
+    assert torch.allclose(out["embedding"], ref, atol=1e-6)
+    rgb = embedding_to_rgb(out["embedding"])
+    expect = ((out["embedding"][:3].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8)
+    assert np.array_equal(rgb, expect.numpy())

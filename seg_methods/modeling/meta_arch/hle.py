@@ -70,6 +70,9 @@ class HierarchicalLovaszEmbedding(PerPixelSemanticModel):
         decode (dict): keyword arguments of :func:`hle_panoptic_decode` (thresholds, areas,
             max instances, downsample).
         panoptic_on, instance_on (bool): which outputs :meth:`inference` returns (sem_seg always).
+        output_embedding (bool): :meth:`inference` also returns "embedding" (D, height, width),
+            the unit embedding (``demo/demo.py --paint-embedding`` draws three of its dimensions
+            as RGB, Fig. 3).
     """
 
     @configurable
@@ -88,6 +91,7 @@ class HierarchicalLovaszEmbedding(PerPixelSemanticModel):
         decode: Dict,
         panoptic_on: bool = True,
         instance_on: bool = True,
+        output_embedding: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -111,6 +115,7 @@ class HierarchicalLovaszEmbedding(PerPixelSemanticModel):
         self.decode = dict(decode)
         self.panoptic_on = panoptic_on
         self.instance_on = instance_on
+        self.output_embedding = output_embedding
         self.space = space
         self.criterion = criterion
         self.embedding_head = nn.Conv2d(feature_channels, embed_dim, 1)
@@ -172,6 +177,7 @@ class HierarchicalLovaszEmbedding(PerPixelSemanticModel):
             },
             panoptic_on=cfg.TEST.PANOPTIC_ON,
             instance_on=cfg.TEST.INSTANCE_ON,
+            output_embedding=h.OUTPUT_EMBEDDING,
         )
         return ret
 
@@ -272,13 +278,19 @@ class HierarchicalLovaszEmbedding(PerPixelSemanticModel):
         for i, (x, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
             image = images.tensor[i : i + 1, :, :h, :w]
             out_size = (x.get("height", h), x.get("width", w))
-            up = self.upsample(self.forward_head(image), (h, w))
+            head = self.forward_head(image)
+            up = self.upsample(head, (h, w))
             logits = up["class_logits"] if "class_logits" in up else None
             if logits is None:
                 logits = self.space.semantic_logits(up["sem_embedding"])
             probs = logits.softmax(dim=1)  # (1, C, h, w) psi
             sem_seg = F.interpolate(probs, size=out_size, mode="bilinear", align_corners=False)
             result = {"sem_seg": sem_seg[0]}
+            if self.output_embedding:
+                emb = F.interpolate(
+                    head["embedding"], size=out_size, mode="bilinear", align_corners=False
+                )
+                result["embedding"] = F.normalize(emb, dim=1)[0]
             if self.panoptic_on or self.instance_on:
                 decoded = self.decode_panoptic(up, probs)
                 if self.panoptic_on:
