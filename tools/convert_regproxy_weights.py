@@ -37,11 +37,13 @@ The input is read with ``torch.load(weights_only=True)`` (refused, naming the fi
 anything else) and NaN/Inf weights are refused. The output is ``{"model": state_dict}`` for
 ``MODEL.WEIGHTS``.
 
-What was checked here (no official checkpoint or mmseg install is available on this machine):
-the key mapping round trip in tests/modeling/test_regproxy.py (our state dict -> official names by
-the official ``convert_vit`` rules written independently in the test -> this converter -> the
-same tensors), and that our head's output equals the official ``ProxyHead.forward`` formula on the
-same weights.
+What was checked: tools/compare_with_official_regproxy.py builds the official segmentor (mmseg
+0.17, the official ``models/``) from each official ViT/16 config, gives it random weights, saves it
+with mmcv's ``save_checkpoint``, converts that file with this script's ``main`` and loads it
+strictly into our model from the matching config: tokens, logits and whole-image / sliding-window
+predictions agree to float32 rounding (numbers in projects/RegProxy/README.md;
+tests/modeling/test_regproxy_official_parity.py runs a small version when the official code is
+available). tests/modeling/test_regproxy.py checks the key mapping round trip without it.
 """
 
 import argparse

@@ -18,16 +18,21 @@ from seg_methods.solver.build import get_seg_optimizer_params
 QUICK = "configs/quick_schedules/regproxy_synthetic_semantic_instant_test.yaml"
 
 
-def _tiny_vit(indices, names, **extra):
+def _tiny_vit(indices, names, pos_embed_antialias=False, **extra):
     args = {"img_size": 32, "depth": 3, "embed_dim": 32, "num_heads": 2, **extra}
     return TimmViTBackbone(
-        name="vit_tiny_patch16_224", out_indices=indices, out_features=names, extra_args=args
+        name="vit_tiny_patch16_224",
+        out_indices=indices,
+        out_features=names,
+        extra_args=args,
+        pos_embed_antialias=pos_embed_antialias,
     ).eval()
 
 
 def test_backbone_layers_follow_mmseg_out_indices():
     torch.manual_seed(0)
-    bb = _tiny_vit([-1, 0, 2], ["emb", "b0", "last"])
+    # timm's own (antialiased) position-embedding resampling, to compare with timm's functions
+    bb = _tiny_vit([-1, 0, 2], ["emb", "b0", "last"], pos_embed_antialias=True)
     x = torch.randn(2, 3, 48, 80)
     out = bb(x)
     assert {k: tuple(v.shape) for k, v in out.items()} == {
@@ -47,6 +52,32 @@ def test_backbone_layers_follow_mmseg_out_indices():
     torch.testing.assert_close(out["emb"].flatten(2).transpose(1, 2), tok)
     assert bb.size_divisibility == 16
     assert bb.output_shape()["b0"] == ShapeSpec(channels=32, stride=16)
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_backbone_resamples_pos_embed_as_mmseg(distilled):
+    """Default resampling = mmseg's ``resize_pos_embed`` (bicubic, align_corners=False, no
+    antialiasing; class / distillation entries kept), written out here; timm's differs."""
+    torch.manual_seed(0)
+    name = "deit_tiny_distilled_patch16_224" if distilled else "vit_tiny_patch16_224"
+    args = {"img_size": 64, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    bb = TimmViTBackbone(name=name, out_indices=[-1], out_features=["emb"], extra_args=args)
+    m = bb.model.eval()
+    with torch.no_grad():
+        m.pos_embed.normal_()
+    prefix = 2 if distilled else 1
+    for size in [(48, 80), (96, 32)]:  # 3x5 (shrink + grow) and 6x2 tokens from a 4x4 grid
+        x = torch.randn(1, 3, *size)
+        grid = (size[0] // 16, size[1] // 16)
+        pos = m.pos_embed[:, prefix:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=grid, mode="bicubic", align_corners=False)
+        expected = m.patch_embed.proj(x).flatten(2) + pos.flatten(2)  # (1, D, h * w)
+        out = bb(x)["emb"].flatten(2)
+        torch.testing.assert_close(out, expected)
+        bb.pos_embed_antialias = True
+        assert (bb(x)["emb"].flatten(2) - expected).abs().max() > 1e-3
+        bb.pos_embed_antialias = False
+    assert m.num_prefix_tokens == prefix
 
 
 def test_backbone_errors_name_the_config_keys():

@@ -16,9 +16,14 @@ directly:
 
 Every output is a (B, D, H / p, W / p) map of the patch tokens (class / distillation tokens
 dropped), p the patch size. The position embedding is resampled to the input's token grid at run
-time (timm ``dynamic_img_size``), so any input whose sides are multiples of p works; detectron2
-pads inputs to ``size_divisibility`` = p, so an image smaller than one patch is padded, not
-rejected.
+time, so any input whose sides are multiples of p works; detectron2 pads inputs to
+``size_divisibility`` = p, so an image smaller than one patch is padded, not rejected. The
+resampling is mmseg's ``VisionTransformer.resize_pos_embed`` (bicubic, align_corners=False, no
+antialiasing; prefix tokens' entries kept), so a model converted from an mmseg checkpoint gives
+the official outputs at every input size (measured by tools/compare_with_official_regproxy.py).
+timm's own ``dynamic_img_size`` resampling is antialiased, which changes the values even when
+upsampling (PyTorch's antialiased bicubic uses a = -0.5 instead of -0.75); it is available with
+``pos_embed_antialias=True``.
 
 State-dict layout: the timm model is the submodule ``model`` (``backbone.model.<timm key>``);
 timm's classifier head is removed.
@@ -30,6 +35,7 @@ import timm
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+from timm.layers import resample_abs_pos_embed
 
 from .timm_backbone import parse_timm_extra_args
 
@@ -49,6 +55,7 @@ class TimmViTBackbone(Backbone):
         pretrained: bool = False,
         in_chans: int = 3,
         extra_args: Optional[Dict] = None,
+        pos_embed_antialias: bool = False,
     ):
         """
         Args:
@@ -59,6 +66,9 @@ class TimmViTBackbone(Backbone):
             pretrained (bool): load timm's pretrained weights (downloads; needs network).
             in_chans (int): input channels.
             extra_args (dict): further keyword arguments of ``timm.create_model``.
+            pos_embed_antialias (bool): resample the position embedding to other token grids
+                with antialiasing (timm's ``dynamic_img_size`` behaviour); False (default):
+                mmseg's plain bicubic resampling, which official mmseg checkpoints expect.
         """
         super().__init__()
         if len(out_indices) != len(out_features):
@@ -97,6 +107,7 @@ class TimmViTBackbone(Backbone):
                 f"for {name!r} ({depth} blocks)"
             )
         self.model = model
+        self.pos_embed_antialias = bool(pos_embed_antialias)
         self._indices = [int(i) for i in out_indices]
         self._last_needed = max(self._indices)
         patch = model.patch_embed.patch_size
@@ -139,8 +150,7 @@ class TimmViTBackbone(Backbone):
         m = self.model
         b, h, w = x.shape[0], x.shape[-2] // self._patch, x.shape[-1] // self._patch
         prefix = int(getattr(m, "num_prefix_tokens", 0))
-        tokens = m.patch_embed(x)
-        tokens = m._pos_embed(tokens)  # adds class / distillation tokens and the position embedding
+        tokens = self._embed_positions(m.patch_embed(x), h, w)  # (B, prefix + h * w, D)
         tokens = m.patch_drop(tokens)
         tokens = m.norm_pre(tokens)
         found = {}
@@ -158,6 +168,39 @@ class TimmViTBackbone(Backbone):
             t = found[i][:, prefix:]  # (B, h * w, D) patch tokens
             out[name] = t.transpose(1, 2).reshape(b, t.shape[-1], h, w)
         return out
+
+    def _embed_positions(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, h, w, D) or (B, h * w, D) patch embeddings -> (B, prefix + h * w, D) tokens: the
+        class / distillation / register tokens prepended and the position embedding, resampled
+        to the (h, w) grid (see the module docstring), added; as timm's ``_pos_embed`` otherwise.
+        """
+        m = self.model
+        b, d = x.shape[0], x.shape[-1]
+        x = x.reshape(b, h * w, d)
+        prefix = [
+            t.expand(b, -1, -1)
+            for t in (
+                getattr(m, "cls_token", None),
+                getattr(m, "dist_token", None),  # DeiT distilled (cls, dist)
+                getattr(m, "reg_token", None),  # ViT with registers (cls, reg)
+            )
+            if t is not None
+        ]
+        if m.pos_embed is None:
+            return m.pos_drop(torch.cat(prefix + [x], dim=1))
+        pos = resample_abs_pos_embed(
+            m.pos_embed,
+            new_size=(h, w),
+            old_size=m.patch_embed.grid_size,
+            num_prefix_tokens=0 if m.no_embed_class else m.num_prefix_tokens,
+            interpolation="bicubic",
+            antialias=self.pos_embed_antialias,
+        )
+        if m.no_embed_class:  # the embedding has no entries for the prefix tokens
+            x = torch.cat(prefix + [x + pos], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos
+        return m.pos_drop(x)
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {
