@@ -82,5 +82,8 @@ def add_hle_config(cfg):
     # > 1: the fast variant (seeds found on an embedding average-pooled by this factor, then
     # every full-resolution pixel assigned to its best seed); 1: exact.
     cfg.MODEL.HLE.DECODE.DOWNSAMPLE = 1
+    # Inner loops of the decoding: "auto" = the compiled op (layers/hle_decode.py, same labels as
+    # the reference) when seg_methods._C has it, else pure PyTorch; "ext" requires it; "pytorch".
+    cfg.MODEL.HLE.DECODE.IMPL = "auto"
     # Inference also returns "embedding" (D, H, W) unit embeddings (demo/demo.py --paint-embedding).
     cfg.MODEL.HLE.OUTPUT_EMBEDDING = False

@@ -19,3 +19,8 @@ from .token_association import (  # noqa: F401
     token_association,
     token_association_pytorch,
 )
+from .hle_decode import (  # noqa: F401
+    hle_assign_pixels_to_seeds,
+    hle_greedy_seed_clustering,
+    hle_seed_kernel_row,
+)

@@ -174,6 +174,7 @@ class HierarchicalLovaszEmbedding(PerPixelSemanticModel):
                 "stuff_min_area": dec.STUFF_MIN_AREA,
                 "max_instances": dec.MAX_INSTANCES,
                 "downsample": dec.DOWNSAMPLE,
+                "impl": dec.IMPL,
             },
             panoptic_on=cfg.TEST.PANOPTIC_ON,
             instance_on=cfg.TEST.INSTANCE_ON,

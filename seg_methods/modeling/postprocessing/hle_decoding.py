@@ -4,7 +4,8 @@
 2. Things: the seed map is reduced by a 3x3 max-pool NMS (a pixel survives where it equals the
    pooled maximum) and thresholded, on pixels whose class is a thing class, giving candidate
    seeds in decreasing seed order.
-3. :func:`greedy_seed_clustering` (the inner loop a compiled kernel can replace: it only takes
+3. :func:`greedy_seed_clustering` (the inner loop the compiled op of ``layers/hle_decode.py``
+   replaces, ``impl`` / MODEL.HLE.DECODE.IMPL; the reference lives beside the op: it only takes
    tensors and returns tensors): repeatedly take the highest remaining candidate i, compute the
    kernel ``Phi(e_i, e_k) = exp(-d_cos(e_i, e_k) / (2 sigma_i^2) - |rho_i - rho_k|^2 /
    (2 sigma_spatial^2))`` against every pixel k (:func:`seed_kernel_row`), threshold it into the
@@ -26,12 +27,19 @@ Shape shorthand:
     D: embedding dimension, C: classes, H, W: decoding size, P = H * W, K: seeds
 """
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...layers.hle_decode import (  # the inner loops: compiled ops beside their references
+    assign_pixels_to_seeds,
+    greedy_seed_clustering,
+    hle_assign_pixels_to_seeds,
+    hle_greedy_seed_clustering,
+    seed_kernel_row,
+)
 from .panoptic_segments import PanopticSegments
 
 __all__ = [
@@ -74,123 +82,6 @@ def seed_candidates(
     return idx[order]
 
 
-def seed_kernel_row(
-    seed_embedding: torch.Tensor,
-    seed_position: torch.Tensor,
-    seed_sigma: torch.Tensor,
-    embeddings: torch.Tensor,
-    positions: torch.Tensor,
-    spatial_sigma: float,
-) -> torch.Tensor:
-    """Phi of one seed against every pixel (Sec. 3.5; Eq. 8 with the seed as the mean).
-
-    Args:
-        seed_embedding (Tensor): (D,) unit embedding e_i of the seed.
-        seed_position (Tensor): (2,) its position rho_i.
-        seed_sigma (Tensor): scalar, its predicted variance sigma_i.
-        embeddings (Tensor): (P, D) unit pixel embeddings.
-        positions (Tensor): (P, 2) pixel positions.
-        spatial_sigma (float): the learned spatial bandwidth.
-
-    Returns:
-        Tensor: (P,) in (0, 1].
-    """
-    d_cos = 1.0 - embeddings @ seed_embedding  # (P,)
-    d_pos = ((positions - seed_position) ** 2).sum(dim=1)  # (P,)
-    return torch.exp(-d_cos / (2.0 * seed_sigma**2) - d_pos / (2.0 * spatial_sigma**2))
-
-
-def greedy_seed_clustering(
-    candidates: torch.Tensor,
-    embeddings: torch.Tensor,
-    positions: torch.Tensor,
-    sigmas: torch.Tensor,
-    pixel_mask: torch.Tensor,
-    *,
-    spatial_sigma: float,
-    mask_threshold: float,
-    merge_threshold: float,
-    max_instances: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Steps 3 of the module docstring: seeds in order, their kernel, threshold, per-pixel argmax
-    over seeds, seed suppression. A compiled kernel replaces this function one for one.
-
-    Args:
-        candidates (Tensor): (K0,) flat pixel indices, by decreasing seed score.
-        embeddings (Tensor): (P, D) unit embeddings.
-        positions (Tensor): (P, 2).
-        sigmas (Tensor): (P,) predicted instance variances.
-        pixel_mask (Tensor): (P,) bool, pixels that may join an instance (thing pixels).
-        spatial_sigma (float): spatial bandwidth.
-        mask_threshold (float): ``Phi > mask_threshold``: the pixel is in the seed's mask.
-        merge_threshold (float): ``Phi(seed, candidate) > merge_threshold``: candidate merged.
-        max_instances (int): at most this many seeds are taken.
-
-    Returns:
-        (Tensor, Tensor, Tensor): labels (P,) int64 in [-1, K) (-1: no instance), seeds (K,)
-        int64 flat indices of the kept seeds, best (P,) float the winning Phi (0 where -1).
-    """
-    num_pixels = embeddings.shape[0]
-    labels = torch.full((num_pixels,), -1, dtype=torch.int64, device=embeddings.device)
-    best = torch.zeros(num_pixels, dtype=embeddings.dtype, device=embeddings.device)
-    active = torch.ones(candidates.numel(), dtype=torch.bool, device=embeddings.device)
-    seeds: List[int] = []
-    for c in range(candidates.numel()):
-        if len(seeds) >= max_instances:
-            break
-        if not bool(active[c]):
-            continue
-        i = int(candidates[c])
-        row = seed_kernel_row(
-            embeddings[i], positions[i], sigmas[i], embeddings, positions, spatial_sigma
-        )  # (P,)
-        take = pixel_mask & (row > mask_threshold) & (row > best)
-        labels[take] = len(seeds)
-        best[take] = row[take]
-        seeds.append(i)
-        active &= row[candidates] <= merge_threshold  # seed suppression (merging)
-        active[c] = False
-    seeds_t = torch.as_tensor(seeds, dtype=torch.int64, device=embeddings.device)
-    return labels, seeds_t, best
-
-
-def assign_pixels_to_seeds(
-    seed_embeddings: torch.Tensor,
-    seed_positions: torch.Tensor,
-    seed_sigmas: torch.Tensor,
-    embeddings: torch.Tensor,
-    positions: torch.Tensor,
-    pixel_mask: torch.Tensor,
-    *,
-    spatial_sigma: float,
-    mask_threshold: float,
-) -> torch.Tensor:
-    """Thresholded per-pixel argmax of Phi over given seeds (the fast variant's last step).
-
-    Args:
-        seed_embeddings (Tensor): (K, D); seed_positions (K, 2); seed_sigmas (K,).
-        embeddings (Tensor): (P, D); positions (P, 2); pixel_mask (P,) bool.
-
-    Returns:
-        Tensor: (P,) int64 labels in [-1, K).
-    """
-    labels = torch.full((embeddings.shape[0],), -1, dtype=torch.int64, device=embeddings.device)
-    best = torch.zeros(embeddings.shape[0], dtype=embeddings.dtype, device=embeddings.device)
-    for k in range(seed_embeddings.shape[0]):
-        row = seed_kernel_row(
-            seed_embeddings[k],
-            seed_positions[k],
-            seed_sigmas[k],
-            embeddings,
-            positions,
-            spatial_sigma,
-        )
-        take = pixel_mask & (row > mask_threshold) & (row > best)
-        labels[take] = k
-        best[take] = row[take]
-    return labels
-
-
 def hle_panoptic_decode(
     embedding: torch.Tensor,
     sigma: torch.Tensor,
@@ -209,6 +100,7 @@ def hle_panoptic_decode(
     stuff_min_area: int = 0,
     max_instances: int = 200,
     downsample: int = 1,
+    impl: str = "auto",
 ) -> Dict:
     """Panoptic segmentation of one image from its HLE outputs (module docstring, steps 1-6).
 
@@ -222,6 +114,9 @@ def hle_panoptic_decode(
         coord_scale (float): position unit used in training (MODEL.HLE.COORD_SCALE).
         seed_threshold, nms_kernel, mask_threshold, merge_threshold, stuff_threshold,
         thing_min_area, stuff_min_area, max_instances, downsample: MODEL.HLE.DECODE.*.
+        impl (str): the inner loops (step 3, the fast variant's assignment): "auto" (the compiled
+            op of ``layers/hle_decode.py`` when built, else the reference), "ext" or "pytorch"
+            (MODEL.HLE.DECODE.IMPL).
 
     Returns:
         dict: "panoptic_seg" (H, W) int32 (0 void), "segments_info" (list of dict),
@@ -238,11 +133,11 @@ def hle_panoptic_decode(
     thing_pixels = is_thing[sem]  # (H, W)
     emb_flat = embedding.reshape(d, -1).t()  # (P, D)
     pos = _positions(h, w, coord_scale, device)  # (P, 2)
-    kw = dict(spatial_sigma=float(spatial_sigma), mask_threshold=mask_threshold)
+    kw = dict(spatial_sigma=float(spatial_sigma), mask_threshold=mask_threshold, impl=impl)
 
     if downsample <= 1:
         cand = seed_candidates(seed, thing_pixels, seed_threshold, nms_kernel)
-        labels, seeds, _ = greedy_seed_clustering(
+        labels, seeds, _ = hle_greedy_seed_clustering(
             cand,
             emb_flat,
             pos,
@@ -266,7 +161,7 @@ def hle_panoptic_decode(
         emb_s_flat = emb_s.reshape(d, -1).t()
         pos_s = _positions(hs, ws, coord_scale, device, stride=float(f))
         cand = seed_candidates(seed_s, thing_s, seed_threshold, nms_kernel)
-        _, seeds_s, _ = greedy_seed_clustering(
+        _, seeds_s, _ = hle_greedy_seed_clustering(
             cand,
             emb_s_flat,
             pos_s,
@@ -276,7 +171,7 @@ def hle_panoptic_decode(
             max_instances=max_instances,
             **kw,
         )
-        labels = assign_pixels_to_seeds(
+        labels = hle_assign_pixels_to_seeds(
             emb_s_flat[seeds_s],
             pos_s[seeds_s],
             sig_s.reshape(-1)[seeds_s],
