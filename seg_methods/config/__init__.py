@@ -20,6 +20,7 @@ def add_seg_methods_config(cfg):
     from .protoseg import add_protoseg_config
     from .refinement_data import add_refinement_data_config
     from .regproxy import add_regproxy_config
+    from .speed import add_speed_config
     from .swin import add_swin_config
     from .timm_backbone import add_timm_backbone_config
 
@@ -39,6 +40,7 @@ def add_seg_methods_config(cfg):
     add_refinement_data_config(cfg)  # INPUT.REFINEMENT (refinement mapper)
     add_regproxy_config(cfg)  # RegProxy (MODEL.REGPROXY)
     add_hle_config(cfg)  # Hierarchical Lovász Embeddings (MODEL.HLE)
+    add_speed_config(cfg)  # training-speed switches (SPEED.*, issue 8)
     return cfg
 
 

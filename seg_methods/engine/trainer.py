@@ -7,9 +7,16 @@
 * evaluation: :func:`seg_methods.evaluation.build_evaluator`;
 * checkpoints: ``SegCheckpointer`` (``seg_methods.utils.checkpoint``: restricted unpickler,
   errors naming mismatched keys);
-* hooks: detectron2's defaults (timer/ETA, LR, checkpointer, writers) with the ``EvalHook``
+* hooks: detectron2's defaults (timer, LR, checkpointer, writers) with the ``EvalHook``
   replaced by :class:`SegEvalHook`, which writes ``OUTPUT_DIR/metrics.json``, logs a metric table
-  and draws the first ``cfg.TEST.NUM_VIS_IMAGES`` test images to ``OUTPUT_DIR/vis``.
+  and draws the first ``cfg.TEST.NUM_VIS_IMAGES`` test images to ``OUTPUT_DIR/vis``, and the
+  ``PeriodicWriter`` replaced by :class:`SegPeriodicWriter`, which also writes after the first
+  iterations (0, 1, 2, 4, 9) so that the progress line (:class:`SegMetricPrinter`: iter/max,
+  iterations/s, ETA from the mean recent wall-clock rate) appears at once;
+* speed (``cfg.SPEED``, :mod:`seg_methods.engine.speed`): channels_last and ``torch.compile``
+  applied in :meth:`Trainer.build_model`, bf16 autocast of the training forward with the
+  criteria in float32 (:class:`TrainingAutocast`), the optimizer implementation in
+  :func:`seg_methods.solver.build_optimizer`.
 
 detectron2's per-iteration JSON log goes to ``OUTPUT_DIR/training_metrics.json`` (JSON lines)
 because ``metrics.json`` holds the evaluation results.
@@ -38,7 +45,7 @@ from typing import Optional
 import torch
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from detectron2.utils.events import JSONWriter, TensorboardXWriter
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
@@ -48,8 +55,16 @@ from ..evaluation import build_evaluator
 from ..evaluation.requirements import check_evaluation_requirements
 from ..solver import build_lr_scheduler, build_optimizer
 from ..utils.checkpoint import SegCheckpointer, require_weights
-from .hooks import LossTermsRecorder, SegEvalHook, non_finite_parameters, report_results
+from .hooks import (
+    LossTermsRecorder,
+    SegEvalHook,
+    SegMetricPrinter,
+    SegPeriodicWriter,
+    non_finite_parameters,
+    report_results,
+)
 from .launch import broadcast_buffers, cpu_capable_ddp
+from .speed import TrainingAutocast, prepare_model_for_speed
 from .visualization import visualize_dataset_predictions
 
 logger = logging.getLogger(__name__)
@@ -156,6 +171,13 @@ class Trainer(DefaultTrainer):
         # DistributedDataParallel; on the CPU that needs seg_methods.engine.launch's wrapping.
         with cpu_capable_ddp():
             super().__init__(_runnable_config(cfg))
+        self._autocast = None
+        if self.cfg.SPEED.BF16_AUTOCAST:
+            model = getattr(self.model, "module", self.model)  # unwrap DDP
+            device_type = torch.device(self.cfg.MODEL.DEVICE).type
+            self._autocast = TrainingAutocast(
+                model, device_type=device_type, modules=self.cfg.SPEED.BF16_AUTOCAST_MODULES
+            )
 
     def build_hooks(self):
         # DefaultTrainer.__init__ creates a DetectionCheckpointer right before calling
@@ -178,14 +200,18 @@ class Trainer(DefaultTrainer):
             output_dir=self.cfg.OUTPUT_DIR,
             after_eval=[lambda results: self.visualize(self.cfg, self.model)],
         )
+        # the progress line from the first iterations on (see SegPeriodicWriter)
+        for i, h in enumerate(ret):
+            if type(h) is hooks.PeriodicWriter:
+                ret[i] = SegPeriodicWriter(h._writers, period=h._period)
         return ret
 
     def build_writers(self):
-        """Console (with ETA), JSON-lines log and TensorBoard writers."""
+        """Console progress line (iterations/s, ETA), JSON-lines log and TensorBoard writers."""
         out = self.cfg.OUTPUT_DIR
         PathManager.mkdirs(out)  # default_setup makes it, but Trainer may be used without it
         return [
-            CommonMetricPrinter(self.max_iter),
+            SegMetricPrinter(self.max_iter),
             JSONWriter(os.path.join(out, TRAINING_LOG_FILE)),
             TensorboardXWriter(out),
         ]
@@ -219,6 +245,9 @@ class Trainer(DefaultTrainer):
             if "invalid numeric entries" not in str(e):
                 raise
             raise FloatingPointError(self._divergence_message(e, recorder, previous_terms)) from e
+        finally:
+            if self._autocast is not None:  # a forward that raised leaves autocast entered
+                self._autocast.reset()
         bad = non_finite_parameters(self._trainable_parameters)
         if bad:
             shown = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
@@ -263,6 +292,12 @@ class Trainer(DefaultTrainer):
         return getattr(self, "_last_eval_results", None)
 
     # ---------------------------------------------------------------- builders
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's ``build_model`` then ``cfg.SPEED``'s channels_last / ``torch.compile``
+        (:func:`~seg_methods.engine.speed.prepare_model_for_speed`)."""
+        return prepare_model_for_speed(cfg, super().build_model(cfg))
+
     @classmethod
     def build_train_loader(cls, cfg):
         return build_train_loader(cfg)

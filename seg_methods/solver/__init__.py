@@ -5,6 +5,7 @@ from .build import (  # noqa: F401
     GRADIENT_CLIPPERS,
     LR_SCHEDULERS,
     NORM_MODULE_TYPES,
+    OPTIMIZER_IMPLS,
     OPTIMIZERS,
     build_lr_scheduler,
     build_optimizer,

@@ -156,6 +156,17 @@ OPTIMIZERS: Dict[str, Callable[[CfgNode], tuple]] = {
 }
 
 
+# SPEED.OPTIMIZER_IMPL -> optimizer constructor kwargs choosing PyTorch's implementation (the
+# same update; "foreach" and "fused" batch the per-parameter loop, with a different rounding order).
+# "default" is PyTorch's own choice (the for-loop on the CPU, foreach on CUDA).
+OPTIMIZER_IMPLS: Dict[str, Dict[str, bool]] = {
+    "default": {},
+    "for-loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
+
+
 def _lookup(table: Dict[str, Any], key: str, cfg_key: str):
     if key not in table:
         raise KeyError(f"Unknown {cfg_key} '{key}'. Supported: {sorted(table)}")
@@ -165,7 +176,8 @@ def _lookup(table: Dict[str, Any], key: str, cfg_key: str):
 def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     """Build ``SOLVER.OPTIMIZER`` ("ADAMW" or "SGD") over the parameter groups of
     :func:`get_seg_optimizer_params`, with gradient clipping when
-    ``SOLVER.CLIP_GRADIENTS.ENABLED``.
+    ``SOLVER.CLIP_GRADIENTS.ENABLED``, in the implementation ``SPEED.OPTIMIZER_IMPL`` names
+    (see :data:`OPTIMIZER_IMPLS`).
 
     Args:
         cfg (CfgNode): config with the solver keys of ``add_common_config``.
@@ -187,6 +199,7 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     optimizer_cls, extra = _lookup(OPTIMIZERS, cfg.SOLVER.OPTIMIZER.upper(), "SOLVER.OPTIMIZER")(
         cfg
     )
+    extra.update(_lookup(OPTIMIZER_IMPLS, cfg.SPEED.OPTIMIZER_IMPL, "SPEED.OPTIMIZER_IMPL"))
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED:
         clipper = _lookup(GRADIENT_CLIPPERS, clip.CLIP_TYPE, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE")

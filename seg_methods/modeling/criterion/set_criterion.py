@@ -20,6 +20,7 @@ Shape shorthand in this module:
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -69,10 +70,15 @@ def padded_target_size(masks: Sequence[torch.Tensor]) -> Tuple[int, int]:
 
 
 def _all_reduce_mean_num_masks(num_masks: int, device: torch.device) -> float:
-    """Number of target masks averaged over distributed workers, at least 1."""
+    """Number of target masks averaged over distributed workers, at least 1.
+
+    In a single process no tensor is made (no device round trip, no host sync); the value is
+    rounded to float32 as the distributed path does.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return max(float(np.float32(num_masks)), 1.0)
     n = torch.as_tensor([num_masks], dtype=torch.float, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(n)
+    torch.distributed.all_reduce(n)
     return torch.clamp(n / get_world_size(), min=1).item()
 
 
