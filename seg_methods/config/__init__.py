@@ -12,6 +12,7 @@ def add_seg_methods_config(cfg):
     from .clustseg import add_clustseg_config
     from .cmt_deeplab import add_cmt_deeplab_config
     from .crm import add_crm_config
+    from .dense_affinity_panoptic import add_dense_affinity_panoptic_config
     from .hle import add_hle_config
     from .hssn import add_hssn_config
     from .mask2former import add_mask2former_config
@@ -40,6 +41,7 @@ def add_seg_methods_config(cfg):
     add_refinement_data_config(cfg)  # INPUT.REFINEMENT (refinement mapper)
     add_regproxy_config(cfg)  # RegProxy (MODEL.REGPROXY)
     add_hle_config(cfg)  # Hierarchical Lovász Embeddings (MODEL.HLE)
+    add_dense_affinity_panoptic_config(cfg)  # Unifying Training & Inference (issue 9)
     add_speed_config(cfg)  # training-speed switches (SPEED.*, issue 8)
     return cfg
 
