@@ -18,6 +18,7 @@ def add_seg_methods_config(cfg):
     from .mask2former import add_mask2former_config
     from .msdeform_pixel_decoder import add_msdeform_pixel_decoder_config
     from .per_pixel import add_per_pixel_config
+    from .pisr import add_pisr_config
     from .protoseg import add_protoseg_config
     from .refinement_data import add_refinement_data_config
     from .regproxy import add_regproxy_config
@@ -43,6 +44,7 @@ def add_seg_methods_config(cfg):
     add_hle_config(cfg)  # Hierarchical Lovász Embeddings (MODEL.HLE)
     add_dense_affinity_panoptic_config(cfg)  # Unifying Training & Inference (issue 9)
     add_speed_config(cfg)  # training-speed switches (SPEED.*, issue 8)
+    add_pisr_config(cfg)  # PISR (MODEL.PISR + Panoptic-DeepLab keys, issue 11)
     return cfg
 
 

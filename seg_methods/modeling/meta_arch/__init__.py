@@ -9,4 +9,5 @@ from .hssn import HSSN  # noqa: F401  (also HSSNMask2Former, built by HSSN for B
 from .crm import CRM  # noqa: F401
 from .regproxy import RegProxy  # noqa: F401
 from .hle import HierarchicalLovaszEmbedding  # noqa: F401
+from .pisr import PISR  # noqa: F401  (PISR on Panoptic-FPN / Panoptic-DeepLab / Mask2Former)
 from .dense_affinity_panoptic import DenseAffinityPanoptic  # noqa: F401
