@@ -17,6 +17,7 @@ def add_seg_methods_config(cfg):
     from .hssn import add_hssn_config
     from .mask2former import add_mask2former_config
     from .msdeform_pixel_decoder import add_msdeform_pixel_decoder_config
+    from .panoptic_segformer import add_panoptic_segformer_config
     from .per_pixel import add_per_pixel_config
     from .pisr import add_pisr_config
     from .protoseg import add_protoseg_config
@@ -43,6 +44,7 @@ def add_seg_methods_config(cfg):
     add_regproxy_config(cfg)  # RegProxy (MODEL.REGPROXY)
     add_hle_config(cfg)  # Hierarchical Lovász Embeddings (MODEL.HLE)
     add_dense_affinity_panoptic_config(cfg)  # Unifying Training & Inference (issue 9)
+    add_panoptic_segformer_config(cfg)  # Panoptic SegFormer (MODEL.PANOPTIC_SEGFORMER, issue 11)
     add_speed_config(cfg)  # training-speed switches (SPEED.*, issue 8)
     add_pisr_config(cfg)  # PISR (MODEL.PISR + Panoptic-DeepLab keys, issue 11)
     return cfg

@@ -27,6 +27,7 @@ def add_msdeform_pixel_decoder_config(cfg):
     # channels of the encoder and FPN convs; the transformer decoder's input channels
     m.CONVS_DIM = 256
     # channels of the per-pixel mask embeddings; the transformer decoder's mask embeddings use it
+    # (0: no mask-feature conv, for a user that reads only the encoder levels: Panoptic SegFormer)
     m.MASK_DIM = 256
     m.NORM = "GN"  # norm of the FPN convs
     m.COMMON_STRIDE = 4  # stride of the mask features
@@ -39,3 +40,6 @@ def add_msdeform_pixel_decoder_config(cfg):
     # "auto": compiled seg_methods._C op when built, else the pure-PyTorch reference;
     # "op" to require the compiled op; "pytorch" to force the reference.
     m.DEFORM_ATTN_IMPL = "auto"
+    # coarser levels added below the coarsest encoder input (3x3 stride-2 conv + GN each; the
+    # first reads the raw backbone feature): 0 for Mask2Former, 1 for Panoptic SegFormer's 1/64
+    m.NUM_EXTRA_LEVELS = 0

@@ -68,7 +68,10 @@ class MSDeformAttn(nn.Module):
         """
         Args:
             query (Tensor): (N, Lq, C), with positional embedding already added.
-            reference_points (Tensor): (N, Lq, L, 2) normalised (x, y) in [0, 1].
+            reference_points (Tensor): (N, Lq, L, 2) normalised (x, y) in [0, 1], or
+                (N, Lq, L, 4) normalised boxes (cx, cy, w, h): then the offsets are relative to
+                the box, ``(cx, cy) + offset / P * (w, h) / 2`` (Deformable DETR's box refinement,
+                used by Panoptic SegFormer's location decoder).
             value_in (Tensor): (N, S, C) flattened multi-scale features.
             spatial_shapes (Tensor): (L, 2) int64 rows (H_l, W_l).
             level_start_index (Tensor): (L,) int64.
@@ -92,12 +95,16 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
         weights = self.attention_weights(query).view(n, lq, m, lv * p)
         weights = F.softmax(weights, -1).view(n, lq, m, lv, p)  # softmax over L*P per head
-        # offsets are in pixels of each level: normalise by (W_l, H_l)
-        normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets)
-        locations = (
-            reference_points[:, :, None, :, None, :]
-            + offsets / normalizer[None, None, None, :, None, :]
-        )  # (N, Lq, M, L, P, 2)
+        if reference_points.shape[-1] == 4:  # box references (cx, cy, w, h)
+            ref = reference_points[:, :, None, :, None, :]  # (N, Lq, 1, L, 1, 4)
+            locations = ref[..., :2] + offsets / p * ref[..., 2:] * 0.5  # (N, Lq, M, L, P, 2)
+        else:
+            # offsets are in pixels of each level: normalise by (W_l, H_l)
+            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets)
+            locations = (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :]
+            )  # (N, Lq, M, L, P, 2)
         out = ms_deform_attn(
             value, spatial_shapes, level_start_index, locations, weights, impl=self.impl
         )  # (N, Lq, C)

@@ -110,6 +110,7 @@ class HungarianMatcher(nn.Module):
         num_points: int = 112 * 112,
         point_coords_fn: Optional[Callable[[int, torch.device], torch.Tensor]] = None,
         class_cost_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        extra_cost_fn: Optional[Callable[[Dict, int, Dict], torch.Tensor]] = None,
     ):
         """
         Args:
@@ -123,9 +124,13 @@ class HungarianMatcher(nn.Module):
             class_cost_fn (callable, optional): ``(logits (Q, K'), labels (N,)) -> (Q, N)``
                 unweighted classification cost; defaults to :func:`pairwise_class_cost`
                 (``-softmax``). HSSN's Mask2Former variant passes its tree-min score.
+            extra_cost_fn (callable, optional): extra-cost hook, ``(outputs, b, target_b) ->
+                (Q, N)`` weighted cost added to image b's cost (Panoptic SegFormer's box L1 +
+                GIoU costs). With mask weights 0, ``outputs`` needs no "pred_masks".
         """
         super().__init__()
-        if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
+        self.extra_cost_fn = extra_cost_fn
+        if cost_class == 0 and cost_mask == 0 and cost_dice == 0 and extra_cost_fn is None:
             raise ValueError("at least one matching cost weight must be non-zero")
         self.cost_class = cost_class
         self.cost_mask = cost_mask
@@ -152,7 +157,7 @@ class HungarianMatcher(nn.Module):
 
         Args:
             logits (Tensor): (Q, C + 1) class logits.
-            pred_masks (Tensor): (Q, H, W) mask logits.
+            pred_masks (Tensor or None): (Q, H, W) mask logits (None: no mask costs).
             labels (Tensor): (N,) target classes.
             target_masks (Tensor): (N, H', W') target masks.
 
@@ -161,15 +166,18 @@ class HungarianMatcher(nn.Module):
         """
         # The points are drawn even when N = 0 so that the random stream does not depend on
         # which images are empty.
-        point_coords = self.point_coords_fn(self.num_points, pred_masks.device)
-        with torch.autocast(device_type=pred_masks.device.type, enabled=False):
+        point_coords = self.point_coords_fn(self.num_points, logits.device)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
             cost_class = self.class_cost_fn(logits.float(), labels)  # (Q, N)
-            cost_bce, cost_dice = pairwise_mask_costs(pred_masks, target_masks, point_coords)
-            cost = (
-                self.cost_mask * cost_bce
-                + self.cost_class * cost_class
-                + self.cost_dice * cost_dice
-            )  # (Q, N)
+            if pred_masks is None:  # extra-cost hook users without mask costs
+                cost = self.cost_class * cost_class
+            else:
+                cost_bce, cost_dice = pairwise_mask_costs(pred_masks, target_masks, point_coords)
+                cost = (
+                    self.cost_mask * cost_bce
+                    + self.cost_class * cost_class
+                    + self.cost_dice * cost_dice
+                )  # (Q, N)
         return cost.reshape(logits.shape[0], -1).cpu()
 
     @torch.no_grad()
@@ -189,11 +197,9 @@ class HungarianMatcher(nn.Module):
             to target ``tgt_idx[k]``.
         """
         logits = outputs["pred_logits"]
-        pred_masks = outputs["pred_masks"]
         indices = []
         for b in range(logits.shape[0]):
-            labels = targets[b]["labels"]
-            cost = self.cost_matrix(logits[b], pred_masks[b], labels, targets[b]["masks"])
+            cost = self.image_cost(outputs, targets, b)
             if cost.shape[1] == 0:
                 empty = torch.zeros(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
@@ -209,6 +215,27 @@ class HungarianMatcher(nn.Module):
                 (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
             )
         return indices
+
+    @torch.no_grad()
+    def image_cost(
+        self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]], b: int
+    ) -> torch.Tensor:
+        """(Q, N) float32 CPU cost of image ``b``: :meth:`cost_matrix` plus the extra-cost hook.
+
+        "pred_masks" may be absent from ``outputs`` when ``cost_mask`` and ``cost_dice`` are 0.
+        """
+        pred_masks = outputs.get("pred_masks")
+        if pred_masks is None and (self.cost_mask != 0 or self.cost_dice != 0):
+            raise KeyError("HungarianMatcher: outputs have no 'pred_masks' but mask costs are on")
+        cost = self.cost_matrix(
+            outputs["pred_logits"][b],
+            None if pred_masks is None else pred_masks[b],
+            targets[b]["labels"],
+            targets[b].get("masks"),
+        )
+        if self.extra_cost_fn is not None:  # extra-cost hook (e.g. box costs)
+            cost = cost + self.extra_cost_fn(outputs, b, targets[b]).float().cpu()
+        return cost
 
     def extra_repr(self) -> str:
         return (

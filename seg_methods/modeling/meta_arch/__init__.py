@@ -11,3 +11,4 @@ from .regproxy import RegProxy  # noqa: F401
 from .hle import HierarchicalLovaszEmbedding  # noqa: F401
 from .pisr import PISR  # noqa: F401  (PISR on Panoptic-FPN / Panoptic-DeepLab / Mask2Former)
 from .dense_affinity_panoptic import DenseAffinityPanoptic  # noqa: F401
+from .panoptic_segformer import PanopticSegFormer  # noqa: F401

@@ -176,6 +176,7 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
         common_stride: int,
         num_outputs: int = 3,
         deform_attn_impl: str = "auto",
+        num_extra_levels: int = 0,
     ):
         """
         Args:
@@ -192,6 +193,11 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
             common_stride: stride of the mask features (4).
             num_outputs: number of multi-scale outputs for the transformer decoder (3).
             deform_attn_impl: "auto", "op" (compiled) or "pytorch" (reference).
+            num_extra_levels: coarser encoder levels added below the coarsest input feature,
+                each a 3x3 stride-2 conv + GroupNorm(32) of the level above it (the first one
+                reads the raw backbone feature), as Deformable DETR / Panoptic SegFormer's 4th
+                level (0: none, Mask2Former). ``mask_dim`` 0 builds no mask-feature conv and
+                ``forward_features`` then returns None for the mask features.
         """
         super().__init__()
         shapes = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
@@ -207,14 +213,22 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
         self.transformer_in_features = [k for k, _ in enc_shapes]
         enc_channels = [v.channels for _, v in enc_shapes]
         enc_strides = [v.stride for _, v in enc_shapes]
-        self.transformer_num_feature_levels = len(enc_shapes)
+        self.transformer_num_feature_levels = len(enc_shapes) + num_extra_levels
 
         # 1x1 conv + GroupNorm(32) per encoder level, ordered low -> high resolution
         self.input_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim))
             for c in enc_channels[::-1]
         )
-        for proj in self.input_proj:
+        # option (Panoptic SegFormer): extra coarser levels, ordered high -> low resolution
+        self.extra_proj = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(enc_channels[-1] if i == 0 else conv_dim, conv_dim, 3, 2, 1),
+                nn.GroupNorm(32, conv_dim),
+            )
+            for i in range(num_extra_levels)
+        )
+        for proj in list(self.input_proj) + list(self.extra_proj):
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
 
@@ -232,7 +246,7 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
 
         self.conv_dim = conv_dim
         self.mask_dim = mask_dim
-        self.mask_features = c2_conv(conv_dim, mask_dim, 1)
+        self.mask_features = c2_conv(conv_dim, mask_dim, 1) if mask_dim > 0 else None
 
         self.num_outputs = num_outputs
         self.common_stride = common_stride
@@ -266,6 +280,7 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
             "transformer_in_features": m.TRANSFORMER_IN_FEATURES,
             "common_stride": m.COMMON_STRIDE,
             "deform_attn_impl": m.DEFORM_ATTN_IMPL,
+            "num_extra_levels": m.NUM_EXTRA_LEVELS,
         }
 
     def forward_features(self, features: Dict[str, torch.Tensor]):
@@ -279,11 +294,17 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
         """
         # The deformable encoder runs in float32 (sampling is not half-precision safe).
         with torch.autocast(device_type=next(iter(features.values())).device.type, enabled=False):
+            enc_inputs = [features[name].float() for name in self.transformer_in_features[::-1]]
             srcs, pos = project_levels(
-                [features[name].float() for name in self.transformer_in_features[::-1]],
-                self.input_proj,
-                self.pe_layer,
+                enc_inputs, self.input_proj, self.pe_layer
             )  # low -> high resolution; the level embeddings are added to pos in the encoder
+            if len(self.extra_proj) > 0:  # option: extra coarser levels, prepended
+                extra, x = [], enc_inputs[0]
+                for proj in self.extra_proj:
+                    x = proj(x)
+                    extra.append(x)
+                srcs = extra[::-1] + srcs
+                pos = [self.pe_layer(x) for x in extra[::-1]] + pos
             memory, spatial_shapes, level_start_index = self.transformer(srcs, pos)
             n = memory.shape[0]
             sizes = (spatial_shapes[:, 0] * spatial_shapes[:, 1]).tolist()
@@ -298,4 +319,5 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
                     outs[-1], size=lat.shape[-2:], mode="bilinear", align_corners=False
                 )
                 outs.append(self.output_convs[idx](lat + up))
-            return self.mask_features(outs[-1]), outs[0], outs[: self.num_outputs]
+            mask_features = None if self.mask_features is None else self.mask_features(outs[-1])
+            return mask_features, outs[0], outs[: self.num_outputs]

@@ -7,3 +7,4 @@ directly and is registered in MASK_CLS_HEAD_REGISTRY (see ``modeling/build.py``)
 from .mask2former_decoder import Mask2FormerMaskedAttentionDecoder  # noqa: F401
 from .clustseg_decoder import ClustSegRecurrentDecoder  # noqa: F401
 from .cmt_deeplab_decoder import CMTDeepLabDecoder  # noqa: F401
+from .panoptic_segformer_decoder import PanopticSegFormerDecoder  # noqa: F401
