@@ -20,6 +20,13 @@ ClustSeg          sem_seg (panoptic, semantic);      soft_cluster_forward; k-mea
 CMTDeepLab        sem_seg; instances when            soft_cluster_forward
                   TEST.PANOPTIC_ON is off            (CLUSTER_IMPL "auto" / "ext")
 PerPixelSemantic  sem_seg                            none
+PISR              sem_seg (all three bases)          ms_deform_attn_forward (Mask2Former
+                                                     base); none (Panoptic-FPN / -DeepLab)
+DenseAffinity-    sem_seg; instances when            none
+Panoptic          TEST.PANOPTIC_ON is off (ROI
+                  heads traced under detectron2's
+                  patch_builtin_len)
+PanopticSegFormer sem_seg                            ms_deform_attn_forward
 ================  =================================  ==================================
 
 Not exported, for every meta-architecture: ``panoptic_seg`` (the panoptic merges loop in Python
