@@ -50,7 +50,6 @@ import sys
 import tempfile
 import time
 import types
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -61,6 +60,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from seg_methods.config import get_cfg  # noqa: E402
+from seg_methods.utils.parity import Report, Row  # noqa: E402  (shared report rows)
 from seg_methods.modeling.backbone.timm_backbone import set_upsample_mode  # noqa: E402
 from seg_methods.utils.checkpoint import SegCheckpointer  # noqa: E402
 
@@ -70,45 +70,6 @@ DEFAULT_CONFIG = os.path.join(
     "protoseg_hrnet_w48_bs8_80k_official_weights.yaml",
 )
 _ENV_SWITCHES = ("full_res_stem", "drop_stage4", "keep_imagenet_head")
-
-
-@dataclass
-class Row:
-    name: str
-    abs_diff: float
-    ref_max: float
-    ok: bool
-    note: str = ""
-
-    @property
-    def rel_diff(self) -> float:
-        return self.abs_diff / max(self.ref_max, 1e-12)
-
-
-@dataclass
-class Report:
-    rows: List[Row] = field(default_factory=list)
-    timings: Dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return all(r.ok for r in self.rows)
-
-    def failed(self) -> List[Row]:
-        return [r for r in self.rows if not r.ok]
-
-    def row(self, name: str) -> Row:
-        return next(r for r in self.rows if r.name == name)
-
-    def format(self) -> str:
-        lines = [f"{'row':<44} {'max|diff|':>11} {'max|official|':>13} {'rel':>10}  ok"]
-        for r in self.rows:
-            lines.append(
-                f"{r.name:<44} {r.abs_diff:11.3e} {r.ref_max:13.3e} {r.rel_diff:10.2e}  "
-                f"{'yes' if r.ok else 'NO'}{'  ' + r.note if r.note else ''}"
-            )
-        lines += [f"time {k}: {v:.1f} s" for k, v in self.timings.items()]
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- official side

@@ -71,7 +71,6 @@ import sys
 import tempfile
 import time
 import types
-from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -81,6 +80,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from seg_methods.config import get_cfg  # noqa: E402
+from seg_methods.utils.parity import Report, Row  # noqa: E402  (shared report rows)
 from seg_methods.modeling.test_time import SemSegTestTime  # noqa: E402
 from seg_methods.utils.checkpoint import SegCheckpointer  # noqa: E402
 
@@ -121,47 +121,6 @@ MODELS: Dict[str, Tuple[str, str]] = {
         _CS + "regproxy_vit_l16_bs16_80k.yaml",
     ),
 }
-
-
-@dataclass
-class Row:
-    name: str
-    abs_diff: float
-    ref_max: float
-    ok: bool
-    note: str = ""
-
-    @property
-    def rel_diff(self) -> float:
-        return self.abs_diff / max(self.ref_max, 1e-12)
-
-
-@dataclass
-class Report:
-    model: str = ""
-    rows: List[Row] = field(default_factory=list)
-    timings: Dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return all(r.ok for r in self.rows)
-
-    def failed(self) -> List[Row]:
-        return [r for r in self.rows if not r.ok]
-
-    def row(self, prefix: str) -> Row:
-        return next(r for r in self.rows if r.name.startswith(prefix))
-
-    def format(self) -> str:
-        head = f"{'row':<58} {'max|diff|':>10} {'max|off|':>10} {'rel':>9}  ok"
-        lines = [f"== {self.model}", head]
-        for r in self.rows:
-            lines.append(
-                f"{r.name:<58} {r.abs_diff:10.3e} {r.ref_max:10.3e} {r.rel_diff:9.2e}  "
-                f"{'yes' if r.ok else 'NO'}{'  ' + r.note if r.note else ''}"
-            )
-        lines += [f"time {k}: {v:.1f} s" for k, v in self.timings.items()]
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- official side
