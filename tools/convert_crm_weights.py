@@ -44,7 +44,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from seg_methods.utils.checkpoint import load_checkpoint_file, strip_common_prefix  # noqa: E402
+from seg_methods.utils.checkpoint import (  # noqa: E402
+    load_checkpoint_file,
+    save_converted_checkpoint,
+    strip_common_prefix,
+)
 
 DEFAULT_CONFIG = (
     "configs/synthetic/refinement-segmentation/crm/Base-Synthetic-RefinementSegmentation-CRM.yaml"
@@ -176,15 +180,8 @@ def main(argv=None):
     data = load_checkpoint_file(args.input)
     converted, dropped = convert(data["model"])
     converted = check_against_model(converted, args.config_file)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    torch.save(
-        {
-            "model": converted,
-            "__author__": f"official CRM checkpoint {os.path.basename(args.input)} (converted)",
-            "matching_heuristics": False,
-        },
-        args.output,
-    )
+    author = f"official CRM checkpoint {os.path.basename(args.input)} (converted)"
+    save_converted_checkpoint(converted, args.output, author)
     print(
         f"wrote {args.output}: {len(converted)} tensors; dropped {len(dropped)} unused official "
         "key(s) (feats.layer4.*)"

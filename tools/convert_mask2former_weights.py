@@ -29,7 +29,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from seg_methods.utils.checkpoint import load_checkpoint_file, strip_common_prefix  # noqa: E402
+from seg_methods.utils.checkpoint import (  # noqa: E402
+    load_checkpoint_file,
+    save_converted_checkpoint,
+    strip_common_prefix,
+)
 
 # (regular expression on the official name, replacement). Empty: our names are the official ones.
 RENAMES: List[Tuple[str, str]] = []
@@ -139,15 +143,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
 
     author = data.get("__author__", "unknown")
-    torch.save(
-        {
-            "model": state,
-            "__author__": f"Mask2Former ({author}) from {os.path.basename(args.input)}, "
-            "converted by seg_methods",
-            "matching_heuristics": False,
-        },
-        args.output,
-    )
+    author = f"Mask2Former ({author}) from {os.path.basename(args.input)}, converted by seg_methods"
+    save_converted_checkpoint(state, args.output, author)
     print(f"wrote {args.output}")
     return 0
 

@@ -37,7 +37,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from seg_methods.utils.checkpoint import load_checkpoint_file, strip_common_prefix  # noqa: E402
+from seg_methods.utils.checkpoint import (  # noqa: E402
+    load_checkpoint_file,
+    save_converted_checkpoint,
+    strip_common_prefix,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from convert_mask2former_weights import (  # noqa: E402  (the shared key / shape check)
@@ -308,15 +312,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if missing or unexpected or mismatched:
             print(f"not writing {args.output}: the checkpoint does not fit the model")
             return 1
-    torch.save(
-        {
-            "model": ours,
-            "__author__": f"Panoptic SegFormer (official) from {os.path.basename(args.input)}, "
-            "converted by seg_methods",
-            "matching_heuristics": False,
-        },
-        args.output,
-    )
+    author = f"Panoptic SegFormer (official) from {os.path.basename(args.input)}, converted"
+    save_converted_checkpoint(ours, args.output, author)
     print(f"wrote {args.output}")
     return 0
 

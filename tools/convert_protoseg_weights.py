@@ -59,6 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from seg_methods.config import get_cfg  # noqa: E402
 from seg_methods.utils.checkpoint import (  # noqa: E402
     check_finite_weights,
+    save_converted_checkpoint,
     strip_common_prefix,
     torch_load_weights_only,
 )
@@ -212,14 +213,7 @@ def main(argv=None) -> int:
     converted = convert(load_official_state(args.input))
     if args.config_file:
         check_against_config(converted, args.config_file, args.opts)
-    torch.save(
-        {
-            "model": converted,
-            "__author__": "tfzhou/ProtoSeg (converted)",
-            "matching_heuristics": False,
-        },
-        args.output,
-    )
+    save_converted_checkpoint(converted, args.output, "tfzhou/ProtoSeg (converted)")
     print(f"wrote {len(converted)} tensors to {args.output}")
     return 0
 

@@ -59,6 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from seg_methods.utils.checkpoint import (  # noqa: E402
     check_finite_weights,
+    save_converted_checkpoint,
     strip_common_prefix,
     torch_load_weights_only,
 )
@@ -179,7 +180,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"{args.input}: not a state dict or an mmcv checkpoint with 'state_dict'")
     check_finite_weights(state, args.input)
     out = convert_state_dict(state, source=args.input, img_size=args.img_size)
-    torch.save({"model": out}, args.output)
+    save_converted_checkpoint(out, args.output, "YiF-Zhang/RegionProxy (converted)")
     dims = out["backbone.model.pos_embed"].shape
     blocks = 1 + max(int(k.split(".")[3]) for k in out if k.startswith("backbone.model.blocks."))
     print(

@@ -92,6 +92,7 @@ __all__ = [
     "torch_load_weights_only",
     "load_checkpoint_file",
     "strip_common_prefix",
+    "save_converted_checkpoint",
     "SegCheckpointer",
 ]
 
@@ -880,3 +881,20 @@ class SegCheckpointer(DetectionCheckpointer):
                 unexpected_keys=unexpected,
             )
         return super()._load_model(checkpoint)
+
+
+def save_converted_checkpoint(state: Dict[str, torch.Tensor], path: str, author: str) -> None:
+    """Write weights converted from another layout (``tools/convert_*_weights.py``).
+
+    The file is ``torch.save({"model": state, "__author__": author, "matching_heuristics":
+    False})``: the names are ours already, so :class:`SegCheckpointer` loads it strictly and
+    without name matching. The output's folder is created.
+
+    Args:
+        state (dict[str, Tensor]): our parameter and buffer names -> tensors.
+        path (str): output .pth file.
+        author (str): where the weights come from (kept in the file).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"model": state, "__author__": author, "matching_heuristics": False}, path)
