@@ -53,7 +53,12 @@ from ..criterion.hssn import (
     tree_triplet_loss,
     triplet_ramp,
 )
-from .hssn_common import class_tree_from_config, projection_head, trainer_iteration
+from .hssn_common import (
+    class_tree_from_config,
+    embedding_settings,
+    projection_head,
+    trainer_iteration,
+)
 from .hssn_mask2former import HSSNMask2Former
 from .per_pixel import PerPixelSemanticModel
 
@@ -175,34 +180,14 @@ class HSSN(PerPixelSemanticModel):
         # DeepLabV3PlusHead's output channels: CONVS_DIM after the decoder's fuse convs, or the
         # ASPP's when it has a single input feature.
         decoder_channels = sh.CONVS_DIM if len(sh.IN_FEATURES) > 1 else sh.ASPP_CHANNELS
-        if h.EMBED_IN_FEATURE == HSSN_EMBED_DECODER:
-            embed_in_channels = decoder_channels
-        else:
-            shapes = args["backbone"].output_shape()
-            if h.EMBED_IN_FEATURE not in shapes:
-                raise ValueError(
-                    f"MODEL.HSSN.EMBED_IN_FEATURE {h.EMBED_IN_FEATURE!r} is neither "
-                    f"{HSSN_EMBED_DECODER!r} nor a backbone output {sorted(shapes)}"
-                )
-            embed_in_channels = shapes[h.EMBED_IN_FEATURE].channels
         args.update(
             tree=tree,
             decoder_channels=decoder_channels,
-            embed_in_feature=h.EMBED_IN_FEATURE,
-            embed_in_channels=embed_in_channels,
-            embed_dim=h.EMBED_DIM,
-            norm=sh.NORM,
             focal=h.FOCAL,
             focal_gamma=h.FOCAL_GAMMA,
             tree_min_weight=h.TREE_MIN_WEIGHT,
             level_ce_weight=h.LEVEL_CE_WEIGHT,
-            triplet_weight=h.TRIPLET_WEIGHT,
-            triplet_ramp_iters=h.TRIPLET_RAMP_ITERS,
-            margin_eps=h.MARGIN_EPS,
-            margin_tree_factor=h.MARGIN_TREE_FACTOR,
-            triplet_include_anchor_class=h.TRIPLET_INCLUDE_ANCHOR_CLASS,
-            max_triplets_per_class=h.MAX_TRIPLETS_PER_CLASS,
-            inference_rule=h.INFERENCE,
+            **embedding_settings(cfg, args["backbone"].output_shape(), decoder_channels),
         )
         return args
 

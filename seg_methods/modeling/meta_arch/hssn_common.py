@@ -1,9 +1,12 @@
 """Pieces shared by HSSN's two variants (per-pixel :mod:`.hssn` and Mask2Former
 :mod:`.hssn_mask2former`): the class tree read from dataset metadata, the tree-triplet
-projection head and the trainer iteration for the triplet ramp.
+projection head, the triplet / inference settings read from ``MODEL.HSSN`` and the trainer
+iteration for the triplet ramp.
 
 Shape shorthand: as in :mod:`seg_methods.modeling.criterion.hssn`.
 """
+
+from typing import Dict, Mapping
 
 import torch.nn.functional as F
 from detectron2.data import MetadataCatalog
@@ -11,9 +14,15 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ...config.hssn import HSSN_EMBED_DECODER
 from ..criterion.hssn import ClassTree
 
-__all__ = ["class_tree_from_config", "projection_head", "trainer_iteration"]
+__all__ = [
+    "class_tree_from_config",
+    "embedding_settings",
+    "projection_head",
+    "trainer_iteration",
+]
 
 
 def class_tree_from_config(cfg) -> ClassTree:
@@ -42,6 +51,52 @@ def class_tree_from_config(cfg) -> ClassTree:
         )
     return ClassTree(
         hierarchy, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, source=f"metadata of '{names[0]}'"
+    )
+
+
+def embedding_settings(
+    cfg, backbone_shapes: Mapping, decoder_channels: int, decoder_name: str = ""
+) -> Dict:
+    """The tree-triplet and inference arguments both variants read from ``MODEL.HSSN``.
+
+    Args:
+        cfg (CfgNode): the config.
+        backbone_shapes (Mapping[str, ShapeSpec]): the backbone's outputs, for
+            ``EMBED_IN_FEATURE`` naming one of them.
+        decoder_channels (int): channels of the decoder feature (``EMBED_IN_FEATURE`` "decoder").
+        decoder_name (str): how the error message calls that feature.
+
+    Returns:
+        dict: embed_in_feature, embed_in_channels, embed_dim, norm, triplet_weight,
+        triplet_ramp_iters, margin_eps, margin_tree_factor, triplet_include_anchor_class,
+        max_triplets_per_class, inference_rule.
+
+    Raises:
+        ValueError: ``EMBED_IN_FEATURE`` is neither "decoder" nor a backbone output.
+    """
+    h = cfg.MODEL.HSSN
+    if h.EMBED_IN_FEATURE == HSSN_EMBED_DECODER:
+        embed_in_channels = decoder_channels
+    else:
+        if h.EMBED_IN_FEATURE not in backbone_shapes:
+            raise ValueError(
+                f"MODEL.HSSN.EMBED_IN_FEATURE {h.EMBED_IN_FEATURE!r} is neither "
+                f"{HSSN_EMBED_DECODER!r}{decoder_name} nor a backbone output "
+                f"{sorted(backbone_shapes)}"
+            )
+        embed_in_channels = backbone_shapes[h.EMBED_IN_FEATURE].channels
+    return dict(
+        embed_in_feature=h.EMBED_IN_FEATURE,
+        embed_in_channels=embed_in_channels,
+        embed_dim=h.EMBED_DIM,
+        norm=cfg.MODEL.SEM_SEG_HEAD.NORM,
+        triplet_weight=h.TRIPLET_WEIGHT,
+        triplet_ramp_iters=h.TRIPLET_RAMP_ITERS,
+        margin_eps=h.MARGIN_EPS,
+        margin_tree_factor=h.MARGIN_TREE_FACTOR,
+        triplet_include_anchor_class=h.TRIPLET_INCLUDE_ANCHOR_CLASS,
+        max_triplets_per_class=h.MAX_TRIPLETS_PER_CLASS,
+        inference_rule=h.INFERENCE,
     )
 
 

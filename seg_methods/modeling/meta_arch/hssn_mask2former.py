@@ -44,7 +44,12 @@ from ..criterion.hssn import (
     triplet_ramp,
 )
 from ..postprocessing import output_sizes_from_inputs
-from .hssn_common import class_tree_from_config, projection_head, trainer_iteration
+from .hssn_common import (
+    class_tree_from_config,
+    embedding_settings,
+    projection_head,
+    trainer_iteration,
+)
 from .mask2former import Mask2Former
 
 __all__ = ["HSSNMask2Former"]
@@ -130,31 +135,15 @@ class HSSNMask2Former(Mask2Former):
         # one sigmoid score per tree node instead of K + 1 softmax logits
         predictor.class_embed = nn.Linear(predictor.class_embed.in_features, tree.num_nodes)
         args["criterion"] = build_hssn_set_criterion(cfg, tree, cfg.MODEL.MASK2FORMER.DEC_LAYERS)
-        if h.EMBED_IN_FEATURE == HSSN_EMBED_DECODER:
-            embed_in_channels = args["sem_seg_head"].pixel_decoder.mask_dim
-        else:
-            shapes = args["backbone"].output_shape()
-            if h.EMBED_IN_FEATURE not in shapes:
-                raise ValueError(
-                    f"MODEL.HSSN.EMBED_IN_FEATURE {h.EMBED_IN_FEATURE!r} is neither "
-                    f"{HSSN_EMBED_DECODER!r} (the pixel decoder's mask features) nor a backbone "
-                    f"output {sorted(shapes)}"
-                )
-            embed_in_channels = shapes[h.EMBED_IN_FEATURE].channels
         args.update(
             tree=tree,
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-            embed_in_feature=h.EMBED_IN_FEATURE,
-            embed_in_channels=embed_in_channels,
-            embed_dim=h.EMBED_DIM,
-            norm=cfg.MODEL.SEM_SEG_HEAD.NORM,
-            triplet_weight=h.TRIPLET_WEIGHT,
-            triplet_ramp_iters=h.TRIPLET_RAMP_ITERS,
-            margin_eps=h.MARGIN_EPS,
-            margin_tree_factor=h.MARGIN_TREE_FACTOR,
-            triplet_include_anchor_class=h.TRIPLET_INCLUDE_ANCHOR_CLASS,
-            max_triplets_per_class=h.MAX_TRIPLETS_PER_CLASS,
-            inference_rule=h.INFERENCE,
+            **embedding_settings(
+                cfg,
+                args["backbone"].output_shape(),
+                args["sem_seg_head"].pixel_decoder.mask_dim,
+                " (the pixel decoder's mask features)",
+            ),
         )
         return args
 
