@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -576,6 +576,52 @@ def _default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def write_atomically(
+    root: str, write: Callable[[str], None], params: Dict, done: Callable[[], bool]
+) -> bool:
+    """Write a generated dataset to ``root`` so that it is never seen half-written.
+
+    Under an inter-process lock (:func:`_file_lock`): return False if ``done()`` (another
+    process finished meanwhile); else remove leftovers of interrupted runs, ``write`` into a temp
+    folder next to ``root``, add ``params.json`` (``params``), and swap the folder in with renames
+    (a previous ``root`` is moved aside, then deleted). On any error the temp folder is removed.
+
+    Args:
+        root (str): absolute dataset folder.
+        write (callable): ``write(folder)`` writes every file of the dataset into ``folder``.
+        params (dict): written to ``params.json`` (what a later call compares).
+        done (callable): whether an up-to-date dataset already exists at ``root``.
+
+    Returns:
+        bool: True if this call generated the dataset.
+    """
+    parent, base = os.path.split(root)
+    os.makedirs(parent, exist_ok=True)
+    with _file_lock(root):
+        if done():
+            return False
+        for leftover in os.listdir(parent):  # interrupted earlier runs (we hold the lock)
+            if leftover.startswith(base + ".tmp-") or leftover.startswith(base + ".stale-"):
+                shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=base + ".tmp-", dir=parent)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        try:
+            write(tmp)
+            with open(os.path.join(tmp, "params.json"), "w") as f:
+                json.dump(params, f, indent=2, sort_keys=True)
+            stale = None
+            if os.path.exists(root):
+                stale = f"{root}.stale-{os.getpid()}"
+                os.rename(root, stale)
+            os.rename(tmp, root)
+            if stale is not None:
+                shutil.rmtree(stale, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return True
+
+
 def generate_synthetic_dataset(
     root: str,
     cfg: Optional[SyntheticConfig] = None,
@@ -607,30 +653,15 @@ def generate_synthetic_dataset(
     counts = {s: cfg.num_images(s) for s in SPLITS}
     if not force and is_generated(root, cfg):
         return {"root": root, "generated": False, "seconds": 0.0, "num_images": counts}
-    parent, base = os.path.split(root)
-    os.makedirs(parent, exist_ok=True)
-    with _file_lock(root):
-        if not force and is_generated(root, cfg):  # another process finished meanwhile
-            return {"root": root, "generated": False, "seconds": 0.0, "num_images": counts}
-        for leftover in os.listdir(parent):  # interrupted earlier runs (we hold the lock)
-            if leftover.startswith(base + ".tmp-") or leftover.startswith(base + ".stale-"):
-                shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
-        tmp = tempfile.mkdtemp(prefix=base + ".tmp-", dir=parent)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        try:
-            _generate_into(tmp, cfg, num_workers or _default_workers(), verbose)
-            with open(os.path.join(tmp, "params.json"), "w") as f:
-                json.dump(_params(cfg), f, indent=2, sort_keys=True)
-            stale = None
-            if os.path.exists(root):
-                stale = f"{root}.stale-{os.getpid()}"
-                os.rename(root, stale)
-            os.rename(tmp, root)
-            if stale is not None:
-                shutil.rmtree(stale, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+    def write(tmp: str) -> None:
+        _generate_into(tmp, cfg, num_workers or _default_workers(), verbose)
+
+    def done() -> bool:  # another process finished meanwhile
+        return not force and is_generated(root, cfg)
+
+    if not write_atomically(root, write, _params(cfg), done):
+        return {"root": root, "generated": False, "seconds": 0.0, "num_images": counts}
     seconds = time.perf_counter() - t0
     nbytes = sum(
         os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files

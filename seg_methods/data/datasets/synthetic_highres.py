@@ -48,8 +48,6 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -60,7 +58,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from ..target_generators.coarse_mask import perturb_mask
-from ._synthetic import _file_lock
+from ._synthetic import write_atomically
 from .layout import datasets_root
 
 __all__ = [
@@ -438,30 +436,15 @@ def generate_synthetic_highres(
     if not force and _is_generated(root, cfg):
         return {"root": root, "generated": False, "seconds": 0.0}
     t0 = time.perf_counter()
-    parent, base = os.path.split(root)
-    os.makedirs(parent, exist_ok=True)
-    with _file_lock(root):
-        if not force and _is_generated(root, cfg):
-            return {"root": root, "generated": False, "seconds": 0.0}
-        for leftover in os.listdir(parent):
-            if leftover.startswith(base + ".tmp-") or leftover.startswith(base + ".stale-"):
-                shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
-        tmp = tempfile.mkdtemp(prefix=base + ".tmp-", dir=parent)
-        os.chmod(tmp, 0o755)
-        try:
-            _write_all(tmp, cfg, num_workers or max(1, min(2, os.cpu_count() or 1)))
-            with open(os.path.join(tmp, "params.json"), "w") as f:
-                json.dump(_params(cfg), f, indent=2, sort_keys=True)
-            stale = None
-            if os.path.exists(root):
-                stale = f"{root}.stale-{os.getpid()}"
-                os.rename(root, stale)
-            os.rename(tmp, root)
-            if stale is not None:
-                shutil.rmtree(stale, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+    def write(tmp: str) -> None:
+        _write_all(tmp, cfg, num_workers or max(1, min(2, os.cpu_count() or 1)))
+
+    def done() -> bool:  # another process finished meanwhile
+        return not force and _is_generated(root, cfg)
+
+    if not write_atomically(root, write, _params(cfg), done):
+        return {"root": root, "generated": False, "seconds": 0.0}
     seconds = time.perf_counter() - t0
     logger.info(f"Generated the high-resolution synthetic split in {root} in {seconds:.1f} s")
     return {"root": root, "generated": True, "seconds": seconds}
