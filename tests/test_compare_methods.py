@@ -1,22 +1,18 @@
 """tools/compare_methods.py: the method list, the compressed schedule, the table and the README
 block (the training itself is what train_net.py runs, tested elsewhere)."""
 
-import importlib.util
 import os
 
 import pytest
 
 from seg_methods.config import get_cfg
+from repo_scripts import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tool():
-    path = os.path.join(REPO, "tools", "compare_methods.py")
-    spec = importlib.util.spec_from_file_location("compare_methods", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/compare_methods.py")
 
 
 def test_every_method_config_exists_and_names_are_unique():

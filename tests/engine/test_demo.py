@@ -1,6 +1,5 @@
 """demo/demo.py on the CPU with the tiny oracle model of conftest.py."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -10,15 +9,11 @@ from PIL import Image
 
 from seg_methods.engine import Trainer, build_checkpointer, build_predictor
 from seg_methods.utils.checkpoint import RandomWeightsError
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from repo_scripts import load_script
 
 
 def _load_demo():
-    spec = importlib.util.spec_from_file_location("seg_demo", os.path.join(REPO, "demo", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo/demo.py", "seg_demo")
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ single-scale decoder logits at random continuous points, and the 4-scale cascade
 ``test.py`` on a 72 x 60 image with query chunks of 1000.
 """
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from repo_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OFFICIAL_ROOT = "/work/ref/High-Quality-Segmention"
@@ -25,10 +25,7 @@ def _official_root():
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"tools/{name}.py")
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ deformable-attention implementations are compared, on two odd-sized images, in e
 mode.
 """
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
+from repo_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OFFICIAL_ROOT = "/tmp/swinhelper/dl/maskformer2-0.1"
@@ -43,11 +43,7 @@ def _official_root():
 
 
 def _load_tool():
-    name = "compare_with_official_mask2former"
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/compare_with_official_mask2former.py")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,11 @@ HRNet-W48 is the official code path (its head hard-codes 720 channels); one 64x6
 test at ~30 s on a loaded 2-core CPU.
 """
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
+from repo_scripts import load_script
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OFFICIAL_ROOT = "/tmp/protoseg_official"
 
 
@@ -29,11 +27,7 @@ def _official_root():
 
 
 def _load_tool():
-    name = "compare_with_official_protoseg"
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/compare_with_official_protoseg.py")
 
 
 @pytest.fixture(scope="module")

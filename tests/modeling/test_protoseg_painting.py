@@ -2,7 +2,6 @@
 ``demo/demo.py --paint-prototypes`` on the ProtoSeg quick config with random weights."""
 
 import colorsys
-import importlib.util
 import os
 
 import numpy as np
@@ -11,16 +10,14 @@ import torch
 from PIL import Image
 
 from seg_methods.engine.visualization import paint_prototypes, prototype_palette
+from repo_scripts import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = os.path.join(REPO, "configs", "quick_schedules")
 
 
 def _load_demo():
-    spec = importlib.util.spec_from_file_location("seg_demo", os.path.join(REPO, "demo", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo/demo.py", "seg_demo")
 
 
 def test_palette_class_hue_and_prototype_shade():

@@ -14,21 +14,14 @@ last column window is shifted back, and the position embedding is resampled from
 resampling would differ. Measured: every row within 1e-6 of max |official| (float32 rounding).
 """
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from repo_scripts import load_script
 
 
 def _load_tool():
-    name = "compare_with_official_regproxy"
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/compare_with_official_regproxy.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,9 @@
 """Tests of safe checkpoint loading (seg_methods.utils.checkpoint) and the weight converters."""
 
 import collections
-import importlib.util
 import io
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,16 +18,13 @@ from seg_methods.utils.checkpoint import (
     load_checkpoint_file,
     restricted_pickle_load,
 )
+from repo_scripts import load_script
 
-REPO = Path(__file__).resolve().parents[2]
 SIDE_EFFECTS = []
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py")
 
 
 class TinyNet(nn.Module):
