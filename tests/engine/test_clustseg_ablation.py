@@ -4,22 +4,16 @@ The trainings themselves are covered by the ClustSeg train-step tests; here fini
 are written by hand and the tool is run with --skip-existing, so nothing is trained.
 """
 
-import importlib.util
 import json
 import os
 
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from repo_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    path = os.path.join(REPO, "tools", "clustseg_ablation.py")
-    spec = importlib.util.spec_from_file_location("clustseg_ablation", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/clustseg_ablation.py")
 
 
 def _fake_run(folder, pq, secs_per_iter, secs_per_image):

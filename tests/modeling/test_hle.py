@@ -1,6 +1,5 @@
 """Hierarchical Lovász Embeddings: kernels, losses, Thomson initialisation, decoding, ablations."""
 
-import importlib.util
 import math
 import os
 
@@ -31,6 +30,7 @@ from seg_methods.modeling.postprocessing.hle_decoding import (
     hle_panoptic_decode,
     seed_candidates,
 )
+from repo_scripts import load_script
 
 IGNORE = 255
 WEIGHTS = {"seg": 1.0, "seg_mean": 1.0, "ins": 1.0, "ins_var": 10.0, "seed": 1.0}
@@ -474,9 +474,7 @@ def test_demo_paints_the_embedding(tmp_path, capsys):
     """demo/demo.py --paint-embedding writes <drawing>.embedding.png: the output "embedding"'s
     first three dimensions mapped from [-1, 1] to [0, 255]; other models are refused."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("seg_demo", os.path.join(repo, "demo/demo.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("demo/demo.py", "seg_demo")
     img = tmp_path / "in" / "a.png"
     img.parent.mkdir()
     rng = np.random.default_rng(0)

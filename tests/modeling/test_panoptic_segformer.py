@@ -5,7 +5,6 @@ box-reference deformable attention and the official-checkpoint key mapping, on h
 tests/modeling/test_model_e2e.py with configs/quick_schedules/panoptic_segformer_*.)
 """
 
-import importlib.util
 import os
 
 import pytest
@@ -33,6 +32,7 @@ from seg_methods.modeling.postprocessing.panoptic_segformer import (
     mask_confidence,
     score_overlap_merge,
 )
+from repo_scripts import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = os.path.join(
@@ -265,11 +265,7 @@ def test_encoder_extra_level_and_no_mask_features_options():
 
 # ------------------------------------------------------------------ checkpoint conversion
 def _converter():
-    path = os.path.join(REPO, "tools", "convert_panoptic_segformer_weights.py")
-    spec = importlib.util.spec_from_file_location("convert_psf", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/convert_panoptic_segformer_weights.py", "convert_psf")
 
 
 def _official_names(cfg):

@@ -2,7 +2,6 @@
 (PROJECTION_L2_AXIS, CE_CLASS_WEIGHTS), the "prototype_index" inference output, and
 tools/convert_protoseg_weights.py on official-layout state dicts (without the official source)."""
 
-import importlib.util
 import os
 
 import pytest
@@ -14,6 +13,7 @@ from torch.nn import functional as F
 from seg_methods.config import get_cfg
 from seg_methods.modeling.pixel_decoder.hrnetv2_head import HRNetV2Head
 from seg_methods.utils.checkpoint import CheckpointSecurityError
+from repo_scripts import load_script
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 QUICK_HRNET = os.path.join(
@@ -35,11 +35,7 @@ def model():
 
 
 def _converter():
-    path = os.path.join(REPO, "tools", "convert_protoseg_weights.py")
-    spec = importlib.util.spec_from_file_location("convert_protoseg_weights", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/convert_protoseg_weights.py")
 
 
 # --------------------------------------------------------------------------- head

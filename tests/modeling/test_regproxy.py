@@ -14,6 +14,7 @@ from seg_methods.config import get_cfg
 from seg_methods.modeling.backbone.timm_vit import TimmViTBackbone
 from seg_methods.modeling.meta_arch.regproxy import RegionProxyHead
 from seg_methods.solver.build import get_seg_optimizer_params
+from repo_scripts import load_script
 
 QUICK = "configs/quick_schedules/regproxy_synthetic_semantic_instant_test.yaml"
 
@@ -194,14 +195,7 @@ def test_no_weight_decay_on_position_embedding_tokens_and_norms():
 
 
 def _load_tool(name):
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"tools/{name}.py")
 
 
 def _to_official(ours):

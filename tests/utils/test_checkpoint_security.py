@@ -11,7 +11,6 @@ never appear and the error must name the file.
 """
 
 import builtins
-import importlib.util
 import io
 import os
 import pickle
@@ -42,15 +41,7 @@ from seg_methods.utils.checkpoint import (
     install_safe_loaders,
     safe_loaders_installed,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_script(relpath, name):
-    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from repo_scripts import load_script
 
 
 # ------------------------------------------------------------------------------ payloads
@@ -333,7 +324,7 @@ def _train_net_args(cfg_file, *flags_and_opts):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("mode", ["train", "eval-only", "resume", "eval-only+resume"])
 def test_train_net(fmt, mode, net_cfg, tmp_path):
-    train_net = _load_script("train_net.py", "seg_train_net")
+    train_net = load_script("train_net.py", "seg_train_net")
     out = Path(net_cfg.OUTPUT_DIR)
     out.mkdir(parents=True)
     cfg_file = tmp_path / "cfg.yaml"
@@ -354,7 +345,7 @@ def test_train_net(fmt, mode, net_cfg, tmp_path):
 
 def test_demo(evil, net_cfg, tmp_path):
     kind, fmt = evil
-    demo = _load_script("demo/demo.py", "seg_demo_security")
+    demo = load_script("demo/demo.py", "seg_demo_security")
     path, marker = _write_evil(tmp_path, kind, fmt, _model_of(net_cfg))
     cfg_file = tmp_path / "demo.yaml"
     cfg_file.write_text(net_cfg.dump())
@@ -370,11 +361,11 @@ def test_demo(evil, net_cfg, tmp_path):
 def test_converters(evil, tmp_path):
     kind, fmt = evil
     path, marker = _write_evil(tmp_path, kind, fmt)
-    m2f = _load_script("tools/convert_mask2former_weights.py", "seg_convert_m2f")
+    m2f = load_script("tools/convert_mask2former_weights.py", "seg_convert_m2f")
     with pytest.raises(CheckpointSecurityError) as e:
         m2f.main([path, str(tmp_path / "out.pth")])
     _assert_refused(e, path, marker)
-    swin = _load_script("tools/convert_swin_imagenet_to_d2.py", "seg_convert_swin")
+    swin = load_script("tools/convert_swin_imagenet_to_d2.py", "seg_convert_swin")
     with pytest.raises(CheckpointSecurityError) as e:
         swin.main([path, str(tmp_path / "out.pkl")])
     _assert_refused(e, path, marker)
