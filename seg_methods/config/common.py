@@ -33,6 +33,11 @@ def add_common_config(cfg):
     # ---------------- solver ----------------
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Name-based lr factors, mmcv's paramwise_cfg custom_keys: [[substring, factor], ...]. A
+    # parameter whose full name contains a substring gets lr x factor (the longest matching
+    # substring wins, as in mmcv), on top of BACKBONE_MULTIPLIER. Deformable-DETR-style recipes
+    # (Panoptic SegFormer) use [["sampling_offsets", 0.1], ["reference_points", 0.1]].
+    cfg.SOLVER.LR_MULTIPLIERS = []
     # Weight decay for embeddings (query features, positional and level embeddings).
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     # Poly schedule (WarmupPolyLR), used when SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR".

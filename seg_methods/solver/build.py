@@ -4,6 +4,9 @@ Parameter groups follow Mask2Former's recipe:
 
 * every parameter starts with ``SOLVER.BASE_LR`` and ``SOLVER.WEIGHT_DECAY``;
 * parameters whose name starts with ``backbone.`` get ``lr * SOLVER.BACKBONE_MULTIPLIER``;
+* parameters whose name contains a substring of ``SOLVER.LR_MULTIPLIERS`` (``[[substring,
+  factor], ...]``, mmcv's ``paramwise_cfg.custom_keys`` with ``lr_mult``) get ``lr * factor``;
+  of several matching substrings the longest applies (mmcv's rule);
 * parameters of normalization layers get ``SOLVER.WEIGHT_DECAY_NORM`` (detectron2 default 0);
 * embeddings (``nn.Embedding`` modules and parameters whose name contains one of
   :data:`EMBED_PARAM_KEYWORDS`) get ``SOLVER.WEIGHT_DECAY_EMBED`` (default 0);
@@ -20,7 +23,7 @@ together (Mask2Former's setting); "value"/"norm" use detectron2's per-parameter 
 """
 
 import logging
-from typing import Any, Callable, Dict, List, Type
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Type
 
 import torch
 from detectron2.config import CfgNode
@@ -75,6 +78,7 @@ def get_seg_optimizer_params(
     backbone_multiplier: float = 1.0,
     bias_lr_factor: float = 1.0,
     weight_decay_bias=None,
+    lr_multipliers: Sequence[Tuple[str, float]] = (),
 ) -> List[Dict[str, Any]]:
     """Parameter groups with the rules of the module docstring.
 
@@ -88,11 +92,15 @@ def get_seg_optimizer_params(
         backbone_multiplier (float): lr factor of parameters named ``backbone.*``.
         bias_lr_factor (float): lr factor of biases (not of norm layers).
         weight_decay_bias (float or None): weight decay of biases (None: ``weight_decay``).
+        lr_multipliers (sequence of (str, float)): name substrings and their lr factors; a
+            parameter gets the factor of the longest substring its full name contains.
 
     Returns:
         list[dict]: groups with keys "params", "lr", "weight_decay"; parameters with identical
         hyper-parameters share a group.
     """
+    # longest first, so that the first match is the longest (mmcv's custom_keys order)
+    name_factors = sorted(_check_lr_multipliers(lr_multipliers), key=lambda kv: -len(kv[0]))
     groups: List[Dict[str, Any]] = []
     seen = set()
     for module_name, module in model.named_modules():
@@ -104,6 +112,10 @@ def get_seg_optimizer_params(
             lr, wd = base_lr, weight_decay
             if full_name.startswith("backbone."):
                 lr *= backbone_multiplier
+            for key, factor in name_factors:
+                if key in full_name:
+                    lr *= factor
+                    break
             if isinstance(module, NORM_MODULE_TYPES):
                 wd = weight_decay_norm
             elif isinstance(module, nn.Embedding) or any(
@@ -116,6 +128,28 @@ def get_seg_optimizer_params(
                     wd = weight_decay_bias
             groups.append({"params": [param], "lr": lr, "weight_decay": wd})
     return reduce_param_groups(groups)
+
+
+def _check_lr_multipliers(entries) -> List[Tuple[str, float]]:
+    """``SOLVER.LR_MULTIPLIERS`` as a list of (substring, factor); ValueError naming the key on
+    anything else."""
+    out = []
+    for entry in entries:
+        if (
+            not isinstance(entry, (list, tuple))
+            or len(entry) != 2
+            or not isinstance(entry[0], str)
+            or not entry[0]
+            or isinstance(entry[1], bool)
+            or not isinstance(entry[1], (int, float))
+            or entry[1] < 0
+        ):
+            raise ValueError(
+                "SOLVER.LR_MULTIPLIERS must be a list of [name_substring, factor] pairs with a "
+                f"non-empty substring and a factor >= 0; got entry {entry!r}"
+            )
+        out.append((entry[0], float(entry[1])))
+    return out
 
 
 def _full_model_clipping(optimizer_cls: Type[torch.optim.Optimizer], cfg: CfgNode):
@@ -195,6 +229,7 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         backbone_multiplier=cfg.SOLVER.BACKBONE_MULTIPLIER,
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        lr_multipliers=cfg.SOLVER.LR_MULTIPLIERS,
     )
     optimizer_cls, extra = _lookup(OPTIMIZERS, cfg.SOLVER.OPTIMIZER.upper(), "SOLVER.OPTIMIZER")(
         cfg

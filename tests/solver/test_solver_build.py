@@ -113,6 +113,44 @@ def test_weight_decay_embed_and_norm_are_configurable_and_sgd_works():
     assert hp["head.ln.bias"][1] == 0.002
 
 
+def test_name_based_lr_multipliers_longest_substring_wins_and_stack_with_backbone():
+    model = _Model()
+    cfg = _cfg(LR_MULTIPLIERS=[["proj", 0.5], ["proj.bias", 0.25], ["conv", 0.3]])
+    hp = _hparams(build_optimizer(cfg, model), model)
+    assert hp["head.proj.weight"][0] == pytest.approx(5e-4)
+    # "proj.bias" is longer than "proj": only its factor applies (mmcv's custom_keys rule)
+    assert hp["head.proj.bias"][0] == pytest.approx(2.5e-4)
+    # on top of BACKBONE_MULTIPLIER
+    assert hp["backbone.conv.weight"][0] == pytest.approx(1e-3 * 0.1 * 0.3)
+    # weight decay untouched, unmatched names untouched
+    assert hp["head.proj.weight"][1] == 0.05 and hp["head.ln.weight"][0] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "bad", [[["proj"]], [[0.1, "proj"]], [["", 0.1]], [["proj", -1.0]], ["proj"]]
+)
+def test_bad_lr_multipliers_name_the_key(bad):
+    with pytest.raises(ValueError, match="SOLVER.LR_MULTIPLIERS"):
+        build_optimizer(_cfg(LR_MULTIPLIERS=bad), _Model())
+
+
+def test_panoptic_segformer_configs_scale_deformable_offsets_and_reference_points():
+    # the official recipe: lr x0.1 on sampling_offsets and reference_points (besides the backbone)
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    folder = os.path.join(root, "coco/panoptic-segmentation/panoptic_segformer")
+    leaves = [f for f in sorted(os.listdir(folder)) if not f.startswith("Base-")]
+    assert len(leaves) >= 4
+    for rel in leaves:
+        cfg = get_cfg()
+        cfg.merge_from_file(os.path.join(folder, rel))
+        assert sorted(map(tuple, cfg.SOLVER.LR_MULTIPLIERS)) == [
+            ("reference_points", 0.1),
+            ("sampling_offsets", 0.1),
+        ], rel
+
+
 def test_unknown_optimizer_and_scheduler_names_raise():
     with pytest.raises(KeyError, match="ADAMW"):
         build_optimizer(_cfg(OPTIMIZER="LION"), _Model())
