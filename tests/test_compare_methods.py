@@ -80,3 +80,88 @@ def test_table_rows_and_readme_block(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
         tool.update_readme("x", str(readme))
+
+
+def _args(tool, *extra):
+    return tool.get_parser().parse_args(["--budget-minutes", "3", *extra])
+
+
+def test_rows_are_reused_only_with_the_same_config_and_settings(tmp_path):
+    import json
+
+    tool = _tool()
+    m = tool.METHODS[0]
+    path = tmp_path / "compare.json"
+    args = _args(tool)
+    assert tool.reusable_row(str(path), m, args) is None  # nothing measured yet
+    row = {"method": m.name, "config": m.config, "settings": tool.settings_of(args)}
+    path.write_text(json.dumps(row))
+    assert tool.reusable_row(str(path), m, args) == row
+    assert tool.reusable_row(str(path), m, _args(tool, "--seed", "1")) is None
+    assert tool.reusable_row(str(path), m, _args(tool, "--train-threads", "1")) is None
+    assert tool.reusable_row(str(path), tool.METHODS[1], args) is None  # another config
+    path.write_text(json.dumps({"method": m.name, "config": m.config}))  # no settings recorded
+    assert tool.reusable_row(str(path), m, args) is None
+
+
+class _FakeChild:
+    """Stands in for a child process: writes its row when polled after ``steps`` polls."""
+
+    live = 0
+    most_live = 0
+
+    def __init__(self, cmd):
+        self.output = cmd[cmd.index("--output") + 1]
+        self.name = cmd[cmd.index("--one") + 1]
+        self.returncode = None
+        self.polls = 0
+        _FakeChild.live += 1
+        _FakeChild.most_live = max(_FakeChild.most_live, _FakeChild.live)
+
+    def _end(self):
+        import json
+
+        tool = _tool()
+        m = tool.find_method(self.name)
+        if m.name == "HLE":  # one child fails: its row says so, the others are kept
+            self.returncode = 3
+        else:
+            self.returncode = 0
+            path = os.path.join(self.output, tool.method_slug(m.name), "compare.json")
+            row = {"method": m.name, "config": m.config, "iters": 1, "config_iters": 2}
+            with open(path, "w") as f:
+                json.dump(row, f)
+        _FakeChild.live -= 1
+
+    def poll(self):
+        self.polls += 1
+        if self.returncode is None and self.polls >= 2:
+            self._end()
+        return self.returncode
+
+    def wait(self):
+        if self.returncode is None:
+            self._end()
+        return self.returncode
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_jobs_run_methods_concurrently_and_the_table_keeps_the_method_order(
+    tmp_path, monkeypatch, jobs
+):
+    tool = _tool()
+    monkeypatch.setattr(tool, "start_child", lambda cmd, log: _FakeChild(cmd))
+    monkeypatch.setattr(tool, "POLL_SECONDS", 0.0)
+    _FakeChild.live = _FakeChild.most_live = 0
+    names = ["CRM", "HLE", "Mask2Former", "ProtoSeg"]  # run order: CRM first
+    code = tool.main(["--methods", ",".join(names), "--jobs", str(jobs), "--output", str(tmp_path)])
+    assert code == 1  # HLE failed
+    assert _FakeChild.most_live == jobs
+    table = (tmp_path / "table.md").read_text().splitlines()
+    body = [line.split(" | ")[0].lstrip("| ") for line in table[2:6]]
+    order = [m.name for m in tool.METHODS]
+    assert body == sorted(names, key=order.index)  # METHODS order, not run order
+    hle = next(line for line in table if line.startswith("| HLE"))
+    assert "failed: exit code 3" in hle
+    if jobs > 1:
+        assert "compare.log" in hle and f"{jobs} methods ran at a time" in table[-1]

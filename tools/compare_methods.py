@@ -27,8 +27,14 @@ dataset) one child process (``--one``, so a crash or a memory peak stays in that
 5. **Parameters**: every parameter of the model, in millions.
 
 ``--reuse-results`` keeps a method's row from an earlier run (its ``compare.json``, written only
-when the method finished) when the config is the same, so that one table can be completed method
-by method; the caption then says so.
+when the method finished) when the config and the measurement settings (budget, seed, threads,
+sizes, repeats: :data:`SETTINGS`) are the same, so that one table can be completed method by
+method; the caption then says so.
+
+``--methods`` sets the order in which methods run (the table keeps the order of :data:`METHODS`);
+``--jobs N`` runs N methods at a time (each child with ``--train-threads`` intra-op threads and
+its log in ``<output>/<method>/compare.log``), for machines with more cores than one method uses;
+the caption says so, since concurrent methods share the memory bandwidth and caches.
 
 The parent collects the children's JSON (``<output>/<method>/compare.json``), prints the table,
 writes ``<output>/table.md`` and, with ``--update-readme``, replaces the block between the
@@ -55,6 +61,18 @@ from typing import Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN = "<!-- compare_methods:begin -->"
 END = "<!-- compare_methods:end -->"
+# Arguments that change what a row measures: a row is reused only when they all match.
+SETTINGS = (
+    "budget_minutes",
+    "seed",
+    "train_threads",
+    "threads",
+    "size",
+    "repeats",
+    "probe_iters",
+    "probe_warmup",
+    "jobs",
+)
 
 
 @dataclass(frozen=True)
@@ -195,6 +213,7 @@ def run_one(args) -> Dict:
     cfg = load_cfg(method.config, base_opts)
     torch.set_num_threads(args.train_threads)
     row = {"method": method.name, "family": method.family, "config": method.config}
+    row["settings"] = settings_of(args)
     row["config_iters"] = cfg.SOLVER.MAX_ITER
     row["params_m"] = sum(p.numel() for p in build_model(cfg).parameters()) / 1e6
     row["train_s_per_iter"] = probe_step_seconds(cfg, args.probe_iters, args.probe_warmup)
@@ -292,6 +311,7 @@ def caption(args, argv: List[str]) -> str:
         f"embedded dataset; training s/it = median of {args.probe_iters} steps; inference = "
         f"DefaultPredictor on one {args.size}x{args.size} image, {args.threads} thread(s), "
         f"median of {args.repeats}."
+        + (f" {args.jobs} methods ran at a time, sharing the machine." if args.jobs > 1 else "")
         + (
             " Rows measured by earlier runs are kept (--reuse-results)."
             if args.reuse_results
@@ -323,6 +343,34 @@ def parse_weights(items: List[str]) -> Dict[str, str]:
     return out
 
 
+POLL_SECONDS = 2.0  # how often the parent looks at running children (--jobs > 1)
+
+
+def start_child(cmd: List[str], log) -> subprocess.Popen:
+    """One child process (``--one``), its output to ``log`` (None: this terminal)."""
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT if log else None)
+
+
+def settings_of(args) -> Dict:
+    return {k: getattr(args, k) for k in SETTINGS}
+
+
+def reusable_row(path: str, method: Method, args) -> Optional[Dict]:
+    """The row of an earlier run at ``path`` if it measured ``method``'s config with the same
+    :data:`SETTINGS` as ``args``; None otherwise (the reason is printed)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        row = json.load(f)
+    if row.get("config") != method.config:
+        print(f"{method.name}: {path} measured another config ({row.get('config')}): rerun")
+        return None
+    if row.get("settings") != settings_of(args):
+        print(f"{method.name}: {path} measured other settings ({row.get('settings')}): rerun")
+        return None
+    return row
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="", help="comma-separated names (default: all)")
@@ -340,6 +388,7 @@ def get_parser():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--probe-iters", type=int, default=5)
     p.add_argument("--probe-warmup", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=1, help="methods measured at the same time")
     p.add_argument("--update-readme", action="store_true")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child mode
     return p
@@ -358,31 +407,63 @@ def main(argv=None) -> int:
         if not os.path.isfile(os.path.join(ROOT, "configs", m.config)):
             raise SystemExit(f"compare_methods: {m.name}: config configs/{m.config} is missing")
     args.output = os.path.abspath(args.output)
-    rows = []
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    rows: List[Optional[Dict]] = [None] * len(methods)
+    pending = []
     for i, m in enumerate(methods):
-        print(f"[{i + 1}/{len(methods)}] {m.name}: configs/{m.config}", flush=True)
         result = os.path.join(args.output, method_slug(m.name), "compare.json")
-        if args.reuse_results and os.path.isfile(result):
-            with open(result) as f:
-                row = json.load(f)
-            if row.get("config") == m.config:
-                print(f"[{i + 1}/{len(methods)}] {m.name}: kept the row of {result}")
-                rows.append(row)
-                continue
-        child = [sys.executable, os.path.abspath(__file__), *argv]
-        child += ["--output", args.output, "--one", m.name]
-        start = time.perf_counter()
-        if os.path.isfile(result):
-            os.remove(result)  # a failed child must not leave an old row behind
-        proc = subprocess.run(child, cwd=ROOT)
+        row = reusable_row(result, m, args) if args.reuse_results else None
+        if row is not None:
+            print(f"[{i + 1}/{len(methods)}] {m.name}: kept the row of {result}")
+            rows[i] = row
+        else:
+            pending.append(i)
+    running: Dict[int, tuple] = {}  # index -> (process, start time, log file or None)
+
+    def finish(i: int, proc, start: float, log) -> None:
+        m = methods[i]
+        if log is not None:
+            log.close()
+        result = os.path.join(args.output, method_slug(m.name), "compare.json")
         if proc.returncode == 0 and os.path.isfile(result):
             with open(result) as f:
-                rows.append(json.load(f))
+                rows[i] = json.load(f)
         else:
-            rows.append(
-                {"method": m.name, "config": m.config, "error": f"exit code {proc.returncode}"}
-            )
-        print(f"[{i + 1}/{len(methods)}] {m.name}: {(time.perf_counter() - start) / 60:.1f} min")
+            where = f" (log: {log.name})" if log is not None else ""
+            rows[i] = {
+                "method": m.name,
+                "config": m.config,
+                "error": f"exit code {proc.returncode}{where}",
+            }
+        took = (time.perf_counter() - start) / 60
+        print(f"[{i + 1}/{len(methods)}] {m.name}: done in {took:.1f} min", flush=True)
+
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            i = pending.pop(0)
+            m = methods[i]
+            print(f"[{i + 1}/{len(methods)}] {m.name}: configs/{m.config}", flush=True)
+            out_dir = os.path.join(args.output, method_slug(m.name))
+            os.makedirs(out_dir, exist_ok=True)
+            result = os.path.join(out_dir, "compare.json")
+            if os.path.isfile(result):
+                os.remove(result)  # a failed child must not leave an old row behind
+            child = [sys.executable, os.path.abspath(__file__), *argv]
+            child += ["--output", args.output, "--one", m.name]
+            log = open(os.path.join(out_dir, "compare.log"), "w") if args.jobs > 1 else None
+            proc = start_child(child, log)
+            running[i] = (proc, time.perf_counter(), log)
+        if args.jobs == 1:
+            ((i, (proc, start, log)),) = running.items()
+            proc.wait()
+        else:
+            time.sleep(POLL_SECONDS)
+        for i in [i for i, (proc, _, _) in running.items() if proc.poll() is not None]:
+            finish(i, *running.pop(i))
+    # the table in METHODS order whatever the run order (--methods can start long ones first)
+    order = {m.name: k for k, m in enumerate(METHODS)}
+    rows = [rows[i] for i in sorted(range(len(methods)), key=lambda i: order[methods[i].name])]
     shown = [a for a in argv if a not in ("--update-readme",)]
     text = "\n".join(table_rows(rows) + ["", caption(args, shown)])
     print(text)
