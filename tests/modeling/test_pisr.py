@@ -183,7 +183,11 @@ def test_center_offset_targets_hand_built():
     assert t["offset"][:, 1, 1].tolist() == [0.5, 0.5]
     assert t["offset"][:, 2, 2].tolist() == [-0.5, -0.5]
     assert t["offset"][:, 0, 0].tolist() == [0.0, 0.0]  # stuff
-    assert t["offset_weights"].sum() == 4 and t["center_weights"][4, 5] == 0
+    assert t["offset_weights"].sum() == 4 and t["center_weights"][0, 4, 5] == 0
+    # detectron2's layout: weights (1, H, W), so that they broadcast per image in its losses
+    assert t["center_weights"].shape == t["offset_weights"].shape == (1, 5, 6)
+    assert t["center"].shape == t["sem_seg_weights"].shape == (5, 6)
+    assert t["offset"].shape == (2, 5, 6)
     assert t["sem_seg_weights"][1, 1] == 3.0 and t["sem_seg_weights"][0, 0] == 1.0
 
 
@@ -248,3 +252,52 @@ def test_fuse_init_switch():
     pixel, sem, inst, scores, _ = _inputs()
     assert m.fuse.weight.abs().sum() > 0
     assert not torch.allclose(m(pixel, sem, inst, scores)["features"], pixel)
+
+
+def test_panoptic_deeplab_losses_weigh_each_image_with_its_own_targets():
+    """A training batch of 3 images (the quick config's batch of 2 hid a broadcast of every
+    image's weights against the others'): detectron2's centre loss equals the hand-computed
+    per-image weighted MSE, and the offset loss the weighted L1."""
+    import torch.nn.functional as F
+
+    from seg_methods.data.build import build_train_loader
+
+    cfg = get_cfg()
+    cfg.merge_from_file(QUICK_M2F.replace("pisr_mask2former", "pisr_panoptic_deeplab"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.SOLVER.IMS_PER_BATCH = 3
+    cfg.DATALOADER.NUM_WORKERS = 0
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = next(iter(build_train_loader(cfg)))
+    assert len(batch) == 3
+    head = model.ins_embed_head
+    seen = {}
+
+    def spy(name):
+        original = getattr(head, name)
+
+        def wrapped(predictions, targets, weights):
+            seen[name] = (predictions.detach(), targets, weights)
+            return original(predictions, targets, weights)
+
+        return wrapped
+
+    for name in ("center_losses", "offset_losses"):
+        setattr(head, name, spy(name))  # instance attributes shadow the methods
+    losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    # recompute both losses image by image from the head's predictions and targets
+    stride = head.common_stride
+    center, center_t, center_w = seen["center_losses"]
+    offset, offset_t, offset_w = seen["offset_losses"]
+    center = F.interpolate(center, scale_factor=stride, mode="bilinear", align_corners=False)
+    offset = F.interpolate(offset, scale_factor=stride, mode="bilinear", align_corners=False)
+    offset = offset * stride
+    assert center_w.shape == (3, 1) + center.shape[2:] and offset_w.shape == center_w.shape
+    num = sum(((center[i] - center_t[i]) ** 2 * center_w[i]).sum() for i in range(3))
+    want_center = num / center_w.sum() * head.center_loss_weight
+    num = sum(((offset[i] - offset_t[i]).abs() * offset_w[i]).sum() for i in range(3))
+    want_offset = num / offset_w.sum() * head.offset_loss_weight
+    assert float(losses["loss_center"]) == pytest.approx(float(want_center), rel=1e-4)
+    assert float(losses["loss_offset"]) == pytest.approx(float(want_offset), rel=1e-4)

@@ -448,9 +448,12 @@ def center_offset_targets(
             ``small_area`` pixels (Panoptic-DeepLab's small-instance weighting).
 
     Returns:
-        dict: "center" (H, W) = max_k exp(-|p - c_k|^2 / (2 sigma^2)); "center_weights" (H, W)
-        (0 on void); "offset" (2, H, W) = c_k - p on instance k's pixels, 0 elsewhere (y, x);
-        "offset_weights" (H, W) (1 on instance pixels); "sem_seg_weights" (H, W).
+        dict, in the layout of detectron2's ``PanopticDeepLabTargetGenerator`` (the weights carry
+        a leading channel so that they broadcast per image against the (B, 1, H, W) centre and
+        (B, 2, H, W) offset predictions): "center" (H, W) = max_k exp(-|p - c_k|^2 /
+        (2 sigma^2)); "center_weights" (1, H, W) (0 on void); "offset" (2, H, W) = c_k - p on
+        instance k's pixels, 0 elsewhere (y, x); "offset_weights" (1, H, W) (1 on instance
+        pixels); "sem_seg_weights" (H, W).
     """
     h, w = instance_ids.shape
     ys = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
@@ -469,9 +472,9 @@ def center_offset_targets(
             sem_weights[mask] = small_weight
     return {
         "center": center,
-        "center_weights": (instance_ids >= 0).to(torch.float32),
+        "center_weights": (instance_ids >= 0).to(torch.float32)[None],
         "offset": offset,
-        "offset_weights": (instance_ids > 0).to(torch.float32),
+        "offset_weights": (instance_ids > 0).to(torch.float32)[None],
         "sem_seg_weights": sem_weights,
     }
 
