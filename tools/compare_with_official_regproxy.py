@@ -23,20 +23,32 @@ and the matching config of ours (``--model``, see :data:`MODELS`):
    The first row compares the two configs as written (:func:`config_row`: association block,
    depth, classes, pixels per token, test mode / window / stride, input normalisation).
 
-The hybrid models (R26+ViT-S/32, R50+ViT-L/32) have no counterpart here and are not compared.
+The hybrid models (R26+ViT-S/32, R50+ViT-L/32: ``r26-s32-ade20k``, ``r50-l32-ade20k``) are
+compared the same way: the official ``VisionTransformerHybrid`` (mmseg ViT whose ``patch_embed``
+is timm's ``HybridEmbed`` around timm's ResNetV2, built by the official code with timm's
+``_resnetv2``) against our ``build_timm_vit_backbone`` on timm's ``vit_*_r*_s32_384``; their
+association features are the token embedding (``out_indices[0] = -1``, "implicit-mid-n1"), their
+tokens 32 pixels wide, so the head paints at 1/8. One more row compares the ResNet stem's
+features. The official code imports timm; here that is the timm of this environment (1.0.31),
+whereas the official README pins timm 0.4.12. The ``_resnetv2`` helper reads the same in a
+timm 0.4-era copy (ResNetV2, no pre-activation, "same" padding, ``StdConv2dSame(eps=1e-8)``,
+same parameter names); the ResNetV2 modules of the two versions were not compared numerically.
 
 Rows marked "(info)" show what the deliberate differences change and never fail: timm's
 antialiased position-embedding resampling (``pos_embed_antialias=True``; ours defaults to
-mmseg's), and whole-image inference on an image whose sides are not multiples of 16 (the
-official ``PatchEmbed`` pads the image, and ``encode_decode`` then *resizes* the padded grid's
-logits to the unpadded size; ours crops the padding off, which keeps pixels aligned; official
-evaluation uses sliding windows of the full crop size, where neither happens).
+mmseg's), and whole-image inference on an image whose sides are not multiples of the token
+stride (16; 32 for the hybrids): the official ``PatchEmbed`` pads the image (the hybrid's
+ResNet "same"-pads it), and ``encode_decode`` then *resizes* the padded grid's logits to the
+unpadded size; ours crops the padding off, which keeps pixels aligned; official evaluation uses
+sliding windows of the full crop size, where neither happens.
 
 Usage::
 
     python tools/compare_with_official_regproxy.py --model t16-ade20k \\
         --official-root /work/ref/RegionProxy --mm-site /work/ref/mm017/site
-    # every pair (ViT-T/S/B/L on ADE20K and Cityscapes):  --model all
+    # every pair (ViT-T/S/B/L on ADE20K and Cityscapes, the two ADE20K hybrids):  --model all
+    python tools/compare_with_official_regproxy.py --model r26-s32-ade20k --size 128 160 \
+        --crop-size 128 128 --stride 96 96 --official-root ... --mm-site ...
 
 ``--official-root`` is a YiF-Zhang/RegionProxy checkout; ``--mm-site`` a folder holding mmcv 1.3.x
 (the "lite" build without compiled ops is enough), mmsegmentation 0.17 and einops (put on
@@ -83,6 +95,7 @@ from seg_methods.config import get_cfg  # noqa: E402
 from seg_methods.utils.parity import Report, Row  # noqa: E402  (shared report rows)
 from seg_methods.modeling.test_time import SemSegTestTime  # noqa: E402
 from seg_methods.utils.checkpoint import SegCheckpointer  # noqa: E402
+from seg_methods.modeling.backbone.timm_backbone import parse_timm_extra_args  # noqa: E402
 
 _ADE, _OFF_ADE = "configs/ade20k/semantic-segmentation/regproxy/", "configs/regproxy_ade20k/"
 _CS, _OFF_CS = "configs/cityscapes/semantic-segmentation/regproxy/", "configs/regproxy_cityscapes/"
@@ -119,6 +132,15 @@ MODELS: Dict[str, Tuple[str, str]] = {
     "l16-cityscapes": (
         _OFF_CS + "regproxy-l16-sub4+implicit-mid-5+768x768+80k+adamw-cr+cityscapes.py",
         _CS + "regproxy_vit_l16_bs16_80k.yaml",
+    ),
+    # hybrids: ResNetV2 stem + ViT on 32-pixel tokens, association from the token embedding
+    "r26-s32-ade20k": (
+        _OFF_ADE + "regproxy-r26-s32-sub4+implicit-mid-n1+512x512+160k+adamw-poly+ade20k.py",
+        _ADE + "regproxy_r26_s32_bs16_160k.yaml",
+    ),
+    "r50-l32-ade20k": (
+        _OFF_ADE + "regproxy-r50-l32-sub4+implicit-mid-n1+640x640+160k+adamw-cr+ade20k.py",
+        _ADE + "regproxy_r50_l32_bs16_160k_res640.yaml",
     ),
 }
 
@@ -233,7 +255,7 @@ class OfficialCode:
         cfg.model.decode_head.norm_cfg = dict(type="BN", requires_grad=True)  # SyncBN -> BN
         if depth:
             cfg.model.backbone.num_layers = depth
-            mid = min(cfg.model.backbone.out_indices[0], depth - 2)
+            mid = min(cfg.model.backbone.out_indices[0], depth - 2)  # -1 (embedding) stays
             cfg.model.backbone.out_indices = [mid, depth - 1]
         if crop:
             cfg.model.test_cfg.crop_size = tuple(crop)
@@ -289,8 +311,9 @@ def build_ours(config_file: str, opts: Sequence[str] = ()) -> Tuple[torch.nn.Mod
 
 def config_row(official: OfficialCode, off_rel: str, our_rel: str) -> Row:
     """The two configs as written (before ``--depth`` / ``--crop-size`` / ``--stride``): ViT
-    depth and association layer, classes, pixels per token, test mode / window / stride and the
-    input normalisation."""
+    depth and association layer, classes, pixels per token, test mode / window / stride, the
+    input normalisation, the training size (position-embedding grid) and, for the hybrids, the
+    stem (official ``embed_type`` = our timm ``MODEL.TIMM.NAME``) and the padding to 32."""
     off = official.config(off_rel)
     ours = get_cfg()
     ours.merge_from_file(os.path.join(REPO, our_rel), allow_unsafe=False)
@@ -311,7 +334,11 @@ def config_row(official: OfficialCode, off_rel: str, our_rel: str) -> Row:
         "mean/std": (list(ours.MODEL.PIXEL_MEAN), list(ours.MODEL.PIXEL_STD))
         == (list(norm.mean), list(norm.std)),
         "RGB": (ours.INPUT.FORMAT == "RGB") == bool(norm.to_rgb),
+        "img_size": _img_size(ours) == _pair(bb.img_size),
     }
+    if bb.type == "VisionTransformerHybrid":
+        checks["embed_type"] = ours.MODEL.TIMM.NAME == bb.embed_type
+        checks["padding /32"] = ours.MODEL.PER_PIXEL.SIZE_DIVISIBILITY == bb.patch_size
     bad = [k for k, v in checks.items() if not v]
     note = (
         f"ours {list(ours.MODEL.TIMM.OUT_INDICES)}, {ours.MODEL.SEM_SEG_HEAD.NUM_CLASSES} classes, "
@@ -321,6 +348,16 @@ def config_row(official: OfficialCode, off_rel: str, our_rel: str) -> Row:
     return Row(
         "config: out_indices, classes, test_cfg, normalisation", float(len(bad)), 1.0, not bad, note
     )
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _img_size(cfg) -> Optional[Tuple[int, int]]:
+    """``img_size`` of ``MODEL.TIMM.EXTRA_ARGS`` (None if unset)."""
+    v = parse_timm_extra_args(cfg.MODEL.TIMM.EXTRA_ARGS).get("img_size")
+    return None if v is None else _pair(v)
 
 
 def _load_converter():
@@ -419,20 +456,30 @@ def compare(
     raw = torch.rand(batch, 3, h, w, generator=g) * 255.0  # RGB image(s), 0..255
     x = (raw - ours.pixel_mean) / ours.pixel_std  # the normalisation of both pipelines
     crop = tuple(off_cfg.model.test_cfg.crop_size)
-    # the token rows use one window-sized input; whole-image inference the image cut to /16
-    xw = x[..., : min(h, crop[0]) // 16 * 16, : min(w, crop[1]) // 16 * 16]
-    xm = x[..., : h // 16 * 16, : w // 16 * 16]
+    p = ours.backbone.size_divisibility  # token stride: 16, or 32 for the hybrids
+    if p != bb.patch_size:
+        raise ValueError(f"{model}: our token stride {p} != official patch_size {bb.patch_size}")
+    hybrid = bb.type == "VisionTransformerHybrid"
+    # the token rows use one window-sized input; whole-image inference the image cut to /p
+    xw = x[..., : min(h, crop[0]) // p * p, : min(w, crop[1]) // p * p]
+    xm = x[..., : h // p * p, : w // p * p]
     hm, wm = xm.shape[-2:]
     whole = SemSegTestTime(mode="whole", size_divisibility=ours.size_divisibility)
     with torch.no_grad():
         t = time.perf_counter()
         off_feats = off_model.backbone(xw)  # (association tokens, final tokens)
+        off_stem = off_model.backbone.patch_embed.backbone(xw) if hybrid else None
         off_q = off_model.decode_head(off_feats)
         off_whole = off_model.whole_inference(xm, _meta(hm, wm), False)
-        off_slide = off_model.slide_inference(x, _meta(h, w), False)
+        # per image, as ours below: convolution kernels may round differently for another batch
+        # size (the hybrids' ResNet stem: 2e-5 relative between batch 1 and 2, official alone)
+        off_slide = torch.cat(
+            [off_model.slide_inference(x[i : i + 1], _meta(h, w), False) for i in range(batch)]
+        )
         report.timings["official forward"] = time.perf_counter() - t
         t = time.perf_counter()
         our_feats = ours.backbone(xw)
+        our_stem = ours.backbone.model.patch_embed.backbone(xw) if hybrid else None
         our_q = ours.sem_seg_head.layers(our_feats)
         names = cfg.MODEL.REGPROXY
         our_q_on_off = ours.sem_seg_head.layers(
@@ -446,17 +493,24 @@ def compare(
         our_forward = torch.stack([r["sem_seg"] for r in ours(inputs)])
         report.timings["our forward"] = time.perf_counter() - t
 
-    gh, gw = xw.shape[-2] // 16, xw.shape[-1] // 16
-    assoc = f"association tokens, after block {mid_index} (B,D,{gh},{gw})"
-    rows = [
+    gh, gw = xw.shape[-2] // p, xw.shape[-1] // p
+    if mid_index == -1:
+        assoc = f"association tokens, token embedding (block -1) (B,D,{gh},{gw})"
+    else:
+        assoc = f"association tokens, after block {mid_index} (B,D,{gh},{gw})"
+    res = f"1/{p // int(off_cfg.model.decode_head.region_res[0])}"
+    rows = []
+    if hybrid:
+        rows.append((f"ResNetV2 stem features {tuple(off_stem.shape)}", our_stem, off_stem))
+    rows += [
         (assoc, our_feats[names.ASSOC_FEATURE], off_feats[0]),
         (
             f"final tokens, block {num_layers - 1} + LayerNorm",
             our_feats[names.CLS_FEATURE],
             off_feats[1],
         ),
-        (f"1/4 logits {tuple(off_q.shape)}", our_q, off_q),
-        ("1/4 logits, our head on the official tokens", our_q_on_off, off_q),
+        (f"{res} logits {tuple(off_q.shape)}", our_q, off_q),
+        (f"{res} logits, our head on the official tokens", our_q_on_off, off_q),
         (f"whole-image logits {tuple(off_whole.shape)}", our_whole, off_whole),
         (f"sliding-window logits {tuple(off_slide.shape)}", our_slide, off_slide),
         ("model.forward(raw image) vs official slide", our_forward, off_slide),
@@ -473,7 +527,7 @@ def compare(
 def _add_info_rows(report, ours, off_model, x, xm, off_whole, rtol, h, w) -> None:
     """Rows showing what the deliberate differences change (they never fail): timm's antialiased
     position-embedding resampling on the whole (B, 3, hm, wm) image ``xm``, and whole-image
-    inference on a crop of ``x`` whose sides are not multiples of 16."""
+    inference on a crop of ``x`` whose sides are not multiples of the token stride p."""
     whole = SemSegTestTime(mode="whole", size_divisibility=ours.size_divisibility)
     with torch.no_grad():
         ours.backbone.pos_embed_antialias = True
@@ -481,8 +535,9 @@ def _add_info_rows(report, ours, off_model, x, xm, off_whole, rtol, h, w) -> Non
             alt = whole(ours.dense_logits, xm, tuple(xm.shape[-2:]))
         finally:
             ours.backbone.pos_embed_antialias = False
+    p = ours.backbone.size_divisibility
     grid = tuple(ours.backbone.model.patch_embed.grid_size)
-    same = grid == (xm.shape[-2] // 16, xm.shape[-1] // 16)
+    same = grid == (xm.shape[-2] // p, xm.shape[-1] // p)
     note = "no resampling at this size" if same else "pos_embed_antialias=True (timm's)"
     report.rows.append(
         _tensor_row(
@@ -494,15 +549,15 @@ def _add_info_rows(report, ours, off_model, x, xm, off_whole, rtol, h, w) -> Non
             info=True,
         )
     )
-    # whole image whose sides are not multiples of 16
-    ho, wo = max(h // 16 * 16 - 7, 17), max(w // 16 * 16 - 9, 17)
+    # whole image whose sides are not multiples of p
+    ho, wo = max(h // p * p - 7, p + 1), max(w // p * p - 9, p + 1)
     xo = x[..., :ho, :wo]
     with torch.no_grad():
         off = off_model.whole_inference(xo, _meta(ho, wo), False)
         our = whole(ours.dense_logits, xo, (ho, wo))
     report.rows.append(
         _tensor_row(
-            f"whole image {ho}x{wo} (not /16) (info)",
+            f"whole image {ho}x{wo} (not /{p}) (info)",
             our,
             off,
             rtol,

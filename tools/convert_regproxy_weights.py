@@ -27,11 +27,24 @@ mmseg names), with no reshuffling of values (our head keeps the official channel
     decode_head.affinity_head.1.conv.*       -> sem_seg_head.predictor.*
     decode_head.mlp.0.0.*                    -> sem_seg_head.classifier.*
 
-Any other key is refused (listed), as is a key that would be produced twice. ``--img-size H W``
-resamples the position embedding (bicubic, as mmseg's ``resize_pos_embed``) to the token grid of
-that training size, which must then equal ``MODEL.TIMM.EXTRA_ARGS`` ``img_size``. The hybrid
-models (R26+ViT-S/32, R50+ViT-L/32) are not supported (their ResNet stem has no counterpart in
-``build_timm_vit_backbone`` yet).
+The hybrid models (R26+ViT-S/32, R50+ViT-L/32; official ``VisionTransformerHybrid``) replace
+``patch_embed`` by timm's ``HybridEmbed`` around timm's ResNetV2 (the official code builds it
+with timm's own ``_resnetv2`` helper), so their stem already has timm's layout and keeps its
+names under our timm model (``MODEL.TIMM.NAME`` ``vit_small_r26_s32_*`` /
+``vit_large_r50_s32_*``); every other key is the plain ViT's above::
+
+    backbone.patch_embed.backbone.stem.{conv,norm}.*
+        -> backbone.model.patch_embed.backbone.stem.{conv,norm}.*
+    backbone.patch_embed.backbone.stages.s.blocks.b.{conv1..3,norm1..3,downsample.{conv,norm}}.*
+        -> backbone.model.patch_embed.backbone.stages.s.blocks.b.(same)
+    backbone.patch_embed.proj.*  -> backbone.model.patch_embed.proj.*  (the 1x1 projection)
+
+(The official ``use_origin=False`` variant, an mmseg ``ResNet`` stem that no official config
+selects, has other keys and is refused.) Any other key is refused (listed), as is a key that
+would be produced twice. ``--img-size H W`` resamples the position embedding (bicubic, as
+mmseg's ``resize_pos_embed``) to the token grid of that training size (patch 16, or the hybrid
+stem's reduction: 32 for the 4-stage ResNetV2), which must then equal ``MODEL.TIMM.EXTRA_ARGS``
+``img_size``.
 
 The input is read with ``torch.load(weights_only=True)`` (refused, naming the file, if it needs
 anything else) and NaN/Inf weights are refused. The output is ``{"model": state_dict}`` for
@@ -64,7 +77,7 @@ from seg_methods.utils.checkpoint import (  # noqa: E402
     torch_load_weights_only,
 )
 
-__all__ = ["convert_key", "convert_state_dict", "resize_pos_embed", "main"]
+__all__ = ["convert_key", "convert_state_dict", "resize_pos_embed", "token_stride", "main"]
 
 _BLOCK_RULES = (
     (re.compile(r"^ln1\.(.+)$"), r"norm1.\1"),
@@ -73,6 +86,11 @@ _BLOCK_RULES = (
     (re.compile(r"^attn\.attn\.out_proj\.(.+)$"), r"attn.proj.\1"),
     (re.compile(r"^ffn\.layers\.0\.0\.(.+)$"), r"mlp.fc1.\1"),
     (re.compile(r"^ffn\.layers\.1\.(.+)$"), r"mlp.fc2.\1"),
+)
+# timm ResNetV2 (non-pre-activation, as timm's _resnetv2 builds it for the hybrids) parameters
+_HYBRID_STEM_KEY = re.compile(
+    r"^patch_embed\.backbone\.(stem\.(conv|norm)\.(weight|bias)"
+    r"|stages\.\d+\.blocks\.\d+\.(conv[123]|norm[123]|downsample\.(conv|norm))\.(weight|bias))$"
 )
 _HEAD_RULES = (
     (re.compile(r"^affinity_head\.0\.depthwise_conv\.conv\.(.+)$"), r"depthwise.\1"),
@@ -93,6 +111,9 @@ def convert_key(key: str) -> Optional[str]:
         m = re.match(r"^patch_embed\.projection\.(weight|bias)$", k)
         if m:
             return f"backbone.model.patch_embed.proj.{m.group(1)}"
+        # hybrid: timm's HybridEmbed (ResNetV2 + 1x1 projection) under the same names
+        if _HYBRID_STEM_KEY.match(k) or re.match(r"^patch_embed\.proj\.(weight|bias)$", k):
+            return f"backbone.model.{k}"
         m = re.match(r"^ln1\.(weight|bias)$", k)
         if m:
             return f"backbone.model.norm.{m.group(1)}"
@@ -127,14 +148,42 @@ def resize_pos_embed(
     return torch.cat([prefix, patch], dim=1)
 
 
+def token_stride(state: Dict[str, torch.Tensor]) -> int:
+    """Pixels per token of a converted state dict: 16 for the plain ViT/16 (its patch
+    projection's kernel), or for a hybrid the ResNetV2 stem's reduction (4 after the stem, x2
+    per stage after the first) times the 1x1 projection's kernel."""
+    proj = state["backbone.model.patch_embed.proj.weight"].shape[-1]
+    stages = {
+        int(k.split(".")[5])
+        for k in state
+        if k.startswith("backbone.model.patch_embed.backbone.stages.")
+    }
+    if not stages:
+        return int(proj)
+    return int(proj) * 4 * 2 ** (max(stages))
+
+
 def convert_state_dict(
     state: Dict[str, torch.Tensor],
     *,
     source: str = "<checkpoint>",
     img_size: Optional[Sequence[int]] = None,
-    patch_size: int = 16,
+    patch_size: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Map an official RegProxy state dict to our names (see the module docstring)."""
+    """Map an official RegProxy state dict to our names (see the module docstring).
+
+    Args:
+        state (dict): the official ``state_dict`` (``backbone.*``, ``decode_head.*``; a common
+            ``module.`` prefix is stripped).
+        source (str): name for error messages.
+        img_size ((int, int)): if given, resample the position embedding to this training
+            size's token grid.
+        patch_size (int): pixels per token for ``img_size``; None: :func:`token_stride` (16
+            for ViT/16, 32 for the R26 / R50 hybrids).
+
+    Returns:
+        dict: our state dict (``backbone.model.*``, ``sem_seg_head.*``).
+    """
     state = strip_common_prefix(dict(state), "module.")
     out: Dict[str, torch.Tensor] = {}
     unknown: List[str] = []
@@ -150,14 +199,20 @@ def convert_state_dict(
         out[new] = value
     if unknown:
         raise ValueError(
-            f"{source}: {len(unknown)} keys are not part of the RegProxy ViT/16 layout (hybrid "
-            f"models are not supported): {unknown[:20]}"
+            f"{source}: {len(unknown)} keys are not part of the RegProxy ViT/16 or hybrid "
+            f"(timm ResNetV2 stem) layout: {unknown[:20]}"
         )
-    for required in ("backbone.model.pos_embed", "sem_seg_head.classifier.weight"):
-        if required not in out:
-            raise ValueError(f"{source}: no {required!r} (is this a RegProxy checkpoint?)")
+    required = (
+        "backbone.model.pos_embed",
+        "backbone.model.patch_embed.proj.weight",
+        "sem_seg_head.classifier.weight",
+    )
+    for key in required:
+        if key not in out:
+            raise ValueError(f"{source}: no {key!r} (is this a RegProxy checkpoint?)")
     if img_size is not None:
         prefix = 1 + int("backbone.model.dist_token" in out)
+        patch_size = patch_size or token_stride(out)
         grid = (int(img_size[0]) // patch_size, int(img_size[1]) // patch_size)
         out["backbone.model.pos_embed"] = resize_pos_embed(
             out["backbone.model.pos_embed"], grid, prefix
@@ -171,7 +226,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("output", help="converted checkpoint for MODEL.WEIGHTS (.pth)")
     parser.add_argument(
         "--img-size", nargs=2, type=int, metavar=("H", "W"),
-        help="resample the position embedding to this training size (multiples of 16)",
+        help="resample the position embedding to this training size (multiples of the token "
+        "stride: 16, or 32 for the R26 / R50 hybrids)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     ckpt = torch_load_weights_only(args.input)
@@ -183,9 +239,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     save_converted_checkpoint(out, args.output, "YiF-Zhang/RegionProxy (converted)")
     dims = out["backbone.model.pos_embed"].shape
     blocks = 1 + max(int(k.split(".")[3]) for k in out if k.startswith("backbone.model.blocks."))
+    stem = sum(k.startswith("backbone.model.patch_embed.backbone.") for k in out)
+    kind = f"hybrid (ResNetV2 stem, {stem} tensors)" if stem else "plain ViT"
     print(
-        f"wrote {args.output}: {len(out)} tensors; ViT width {dims[-1]}, {blocks} blocks, "
-        f"{dims[1]} position embeddings; classes {out['sem_seg_head.classifier.weight'].shape[0]}"
+        f"wrote {args.output}: {len(out)} tensors; {kind}, token stride {token_stride(out)}, "
+        f"ViT width {dims[-1]}, {blocks} blocks, {dims[1]} position embeddings; classes "
+        f"{out['sem_seg_head.classifier.weight'].shape[0]}"
     )
     return 0
 

@@ -26,7 +26,8 @@ def add_regproxy_config(cfg):
     # Channels of the association head's depthwise-separable 3x3 conv (official: the ViT width,
     # e.g. 384 for ViT-S); 0 = the width of ASSOC_FEATURE.
     r.CHANNELS = 0
-    # (rh, rw): output pixels per token along each axis. Patch 16 at 1/4 resolution: (4, 4).
+    # (rh, rw): output pixels per token along each axis. Patch 16 at 1/4 resolution: (4, 4);
+    # the official hybrids (patch 32) keep (4, 4), i.e. paint at 1/8.
     r.REGION_RES = [4, 4]
     # Norm of the depthwise-separable conv (official: SyncBN): "BN", "SyncBN", "GN", "" ...
     r.NORM = "SyncBN"

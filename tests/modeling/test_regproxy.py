@@ -19,6 +19,15 @@ from repo_scripts import load_script
 QUICK = "configs/quick_schedules/regproxy_synthetic_semantic_instant_test.yaml"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads were several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny_vit(indices, names, pos_embed_antialias=False, **extra):
     args = {"img_size": 32, "depth": 3, "embed_dim": 32, "num_heads": 2, **extra}
     return TimmViTBackbone(
@@ -200,7 +209,10 @@ def _load_tool(name):
 
 def _to_official(ours):
     """Our names -> the official mmseg names: the official utils/checkpoint.py::convert_vit rules
-    (timm -> mmseg), applied to our ``backbone.model.*``, plus the ProxyHead's module names."""
+    (timm -> mmseg), applied to our ``backbone.model.*``, plus the ProxyHead's module names. A
+    hybrid (official ``VisionTransformerHybrid``) keeps timm's ``HybridEmbed`` as its
+    ``patch_embed``: ResNetV2 stem and 1x1 ``proj`` under timm's names."""
+    hybrid = any(k.startswith("backbone.model.patch_embed.backbone.") for k in ours)
     head = {
         "depthwise.weight": "affinity_head.0.depthwise_conv.conv.weight",
         "pointwise.weight": "affinity_head.0.pointwise_conv.conv.weight",
@@ -215,7 +227,7 @@ def _to_official(ours):
             k = k[len("backbone.model.") :]
             if k.startswith("norm"):
                 k = k.replace("norm.", "ln1.")
-            elif k.startswith("patch_embed"):
+            elif k.startswith("patch_embed") and not hybrid:
                 k = k.replace("proj", "projection")
             elif k.startswith("blocks"):
                 if "norm" in k:

@@ -2,8 +2,19 @@
 
 Registered in BACKBONE_REGISTRY as ``build_timm_vit_backbone``; config ``cfg.MODEL.TIMM``
 (:mod:`seg_methods.config.timm_backbone`), shared with the generic ``build_timm_backbone``:
-NAME (a timm ViT / DeiT, e.g. ``vit_small_patch16_224``, ``deit_base_distilled_patch16_224``),
-PRETRAINED, IN_CHANS, EXTRA_ARGS (e.g. ``img_size=512``) and OUT_INDICES / OUT_FEATURES.
+NAME (a timm ViT / DeiT, e.g. ``vit_small_patch16_224``, ``deit_base_distilled_patch16_224``,
+or a hybrid ViT, e.g. ``vit_small_r26_s32_384``), PRETRAINED, IN_CHANS, EXTRA_ARGS (e.g.
+``img_size=512``) and OUT_INDICES / OUT_FEATURES.
+
+Hybrid ViTs (timm ``vision_transformer_hybrid``: ``vit_small_r26_s32_*`` = R26+ViT-S/32,
+``vit_large_r50_s32_*`` = R50+ViT-L/32, ...) replace the patch projection by timm's
+``HybridEmbed``: a ResNetV2 stem (weight-standardised convs, GroupNorm, TF "same" padding) whose
+last feature map is projected by a 1x1 conv to the token width. Their token stride p is the
+embedding's total reduction (the CNN's ``feature_info`` reduction times timm's
+``patch_size`` of 1: 32 for the ``*_s32`` models); everything else (prefix tokens, position
+embedding, blocks, norms) is the plain ViT's, so the same code serves both. Depth / width
+overrides in EXTRA_ARGS (``depth=2``, ``embed_dim=64``, ``num_heads=2``) shrink the
+transformer; the ResNet stem is fixed by the model name.
 
 Layer indices follow mmsegmentation's ``VisionTransformer(out_indices=...)`` (the layout RegProxy
 and other mmseg-based ViT methods publish their configs in), so official configs translate
@@ -12,15 +23,18 @@ directly:
 * ``i`` in ``[0, depth - 1)``: the patch tokens after block ``i`` (no norm);
 * ``depth - 1``: the patch tokens after the last block AND the final LayerNorm (mmseg
   ``final_norm=True``);
-* ``-1``: the token embedding (patch embedding + position embedding), before any block.
+* ``-1``: the token embedding (patch embedding + position embedding), before any block; for a
+  hybrid, the ResNet stem's 1x1-projected features + position embedding (RegProxy's
+  "implicit-mid-n1" association features of R26+ViT-S/32 and R50+ViT-L/32).
 
 Every output is a (B, D, H / p, W / p) map of the patch tokens (class / distillation tokens
-dropped), p the patch size. The position embedding is resampled to the input's token grid at run
-time, so any input whose sides are multiples of p works; detectron2 pads inputs to
-``size_divisibility`` = p, so an image smaller than one patch is padded, not rejected. The
-resampling is mmseg's ``VisionTransformer.resize_pos_embed`` (bicubic, align_corners=False, no
-antialiasing; prefix tokens' entries kept), so a model converted from an mmseg checkpoint gives
-the official outputs at every input size (measured by tools/compare_with_official_regproxy.py).
+dropped), p the patch size (the token stride). The position embedding is resampled to the
+input's token grid at run time, so any input whose sides are multiples of p works; detectron2
+pads inputs to ``size_divisibility`` = p, so an image smaller than one patch is padded, not
+rejected. The resampling is mmseg's ``VisionTransformer.resize_pos_embed`` (bicubic,
+align_corners=False, no antialiasing; prefix tokens' entries kept), so a model converted from an
+mmseg checkpoint gives the official outputs at every input size (measured by
+tools/compare_with_official_regproxy.py).
 timm's own ``dynamic_img_size`` resampling is antialiased, which changes the values even when
 upsampling (PyTorch's antialiased bicubic uses a = -0.5 instead of -0.75); it is available with
 ``pos_embed_antialias=True``.
@@ -35,7 +49,7 @@ import timm
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
-from timm.layers import resample_abs_pos_embed
+from timm.layers import HybridEmbed, resample_abs_pos_embed
 
 from .timm_backbone import parse_timm_extra_args
 
@@ -104,15 +118,15 @@ class TimmViTBackbone(Backbone):
         if bad:
             raise ValueError(
                 f"MODEL.TIMM.OUT_INDICES {list(out_indices)}: {bad} outside [-1, {depth - 1}] "
-                f"for {name!r} ({depth} blocks)"
+                f"for {name!r} ({depth} blocks; -1 = the token embedding, {depth - 1} = the "
+                "last block + final norm)"
             )
         self.model = model
         self.pos_embed_antialias = bool(pos_embed_antialias)
         self._indices = [int(i) for i in out_indices]
         self._last_needed = max(self._indices)
-        patch = model.patch_embed.patch_size
-        patch = patch if isinstance(patch, int) else patch[0]
-        self._patch = int(patch)
+        self._name = name
+        self._patch = _token_stride(model.patch_embed, name)
         self._out_features = list(out_features)
         self._out_feature_channels = {n: int(model.embed_dim) for n in out_features}
         self._out_feature_strides = {n: self._patch for n in out_features}
@@ -131,13 +145,20 @@ class TimmViTBackbone(Backbone):
 
     @property
     def size_divisibility(self) -> int:
-        """The patch size: inputs are padded to a whole number of patches."""
+        """The patch size (token stride; 32 for the hybrids): inputs are padded to a whole
+        number of patches."""
         return self._patch
+
+    @property
+    def is_hybrid(self) -> bool:
+        """True for a hybrid ViT (CNN stem + 1x1 projection as the token embedding)."""
+        return isinstance(self.model.patch_embed, HybridEmbed)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
         Args:
-            x (Tensor): (B, IN_CHANS, H, W), H and W multiples of the patch size p.
+            x (Tensor): (B, IN_CHANS, H, W), H and W multiples of the patch size (token stride)
+                p.
 
         Returns:
             dict[str, Tensor]: name -> (B, D, H / p, W / p) patch tokens of that layer.
@@ -150,7 +171,14 @@ class TimmViTBackbone(Backbone):
         m = self.model
         b, h, w = x.shape[0], x.shape[-2] // self._patch, x.shape[-1] // self._patch
         prefix = int(getattr(m, "num_prefix_tokens", 0))
-        tokens = self._embed_positions(m.patch_embed(x), h, w)  # (B, prefix + h * w, D)
+        emb = m.patch_embed(x)  # (B, h, w, D) (dynamic_img_size) or (B, h * w, D)
+        if emb.shape[1:-1] not in ((h, w), (h * w,)):
+            raise ValueError(
+                f"MODEL.TIMM.NAME {self._name!r}: the token embedding of a "
+                f"{tuple(x.shape[-2:])} input has {tuple(emb.shape[1:-1])} tokens, expected "
+                f"{(h, w)} (token stride {self._patch})"
+            )
+        tokens = self._embed_positions(emb, h, w)  # (B, prefix + h * w, D)
         tokens = m.patch_drop(tokens)
         tokens = m.norm_pre(tokens)
         found = {}
@@ -209,6 +237,30 @@ class TimmViTBackbone(Backbone):
             )
             for n in self._out_features
         }
+
+
+def _token_stride(patch_embed: torch.nn.Module, name: str) -> int:
+    """Pixels per token along each side: the patch size of a plain ViT's ``PatchEmbed``; for a
+    ``HybridEmbed``, the CNN's reduction (its ``feature_info``, e.g. 32 for ResNetV2 with 4
+    stages) times the patch size. Must be one int (square)."""
+    if isinstance(patch_embed, HybridEmbed):
+        info = getattr(patch_embed.backbone, "feature_info", None)
+        if info:
+            # timm's own feat_ratio() is img_size // feature size of a dummy forward, which is
+            # wrong when EXTRA_ARGS img_size is not a multiple of the reduction
+            r = int(info[-1]["reduction"])
+            stride = tuple(r * int(p) for p in patch_embed.patch_size)
+        else:
+            stride = patch_embed.feat_ratio(as_scalar=False)
+    else:
+        stride = patch_embed.patch_size
+    stride = (stride, stride) if isinstance(stride, int) else tuple(int(s) for s in stride)
+    if stride[0] != stride[1] or stride[0] < 1:
+        raise ValueError(
+            f"MODEL.TIMM.NAME {name!r}: token stride {stride} is not square (the backbone pads "
+            "inputs to one size_divisibility)"
+        )
+    return stride[0]
 
 
 @BACKBONE_REGISTRY.register()

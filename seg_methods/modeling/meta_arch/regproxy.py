@@ -5,15 +5,18 @@ YiF-Zhang/RegionProxy (``models/proxy_head.py``, ``models/vit.py``), read for un
 
 The ViT's patch tokens are the region proxies. Each token's class logits come from ONE linear
 layer on the last layer's tokens (Sec. 3.2, "region classification"). Each output pixel at 1/4
-resolution (rh x rw pixels per 16-pixel token) is associated with the 3 x 3 neighbouring tokens of
-its own token by a softmax over 9 affinity logits predicted from a MIDDLE layer's tokens by the
-proxy head (a depthwise-separable 3x3 conv then a 1x1 conv to 9 x rh x rw channels per token;
-Sec. 3.3, "local region-pixel association"); neighbours outside the token grid are excluded
-before the softmax. The pixel's class logits are the association-weighted sum of the 9 tokens'
-LOGITS (Eq. 3), painted by :func:`seg_methods.layers.token_association.token_association` (the
-compiled op, or its unfold-based PyTorch reference). Training: plain per-pixel cross-entropy on
-the logits resized bilinearly (align_corners=False) to the input (the template's default loss,
-void excluded); no auxiliary loss. Testing: the template's whole-image or sliding-window strategy
+resolution (rh x rw = 4 x 4 pixels per 16-pixel token; 1/8 for the hybrids R26+ViT-S/32 and
+R50+ViT-L/32, whose 32-pixel tokens keep the official ``region_res=(4, 4)``) is associated
+with the 3 x 3 neighbouring tokens of its own token by a softmax over 9 affinity logits
+predicted from a MIDDLE layer's tokens (for the hybrids: the token embedding, i.e. the projected
+ResNet stem features + position embedding) by the proxy head (a depthwise-separable 3x3 conv
+then a 1x1 conv to 9 x rh x rw channels per token; Sec. 3.3, "local region-pixel
+association"); neighbours outside the token grid are excluded before the softmax. The pixel's
+class logits are the association-weighted sum of the 9 tokens' LOGITS (Eq. 3), painted by
+:func:`seg_methods.layers.token_association.token_association` (the compiled op, or its
+unfold-based PyTorch reference). Training: plain per-pixel cross-entropy on the logits resized
+bilinearly (align_corners=False) to the input (the template's default loss, void excluded); no
+auxiliary loss. Testing: the template's whole-image or sliding-window strategy
 (``TEST.PER_PIXEL``).
 
 Parameter layout follows the official head so that its checkpoints map one-to-one
@@ -153,7 +156,8 @@ class RegionProxyHead(nn.Module):
                 (B, D, h, w).
 
         Returns:
-            Tensor: (B, C, h * rh, w * rw) class logits at 1/4 resolution (for patch 16).
+            Tensor: (B, C, h * rh, w * rw) class logits (1/4 resolution for patch 16 and
+            4 x 4 pixels per token, 1/8 for patch 32).
         """
         return token_association(
             self.affinity(features[self.assoc_feature]),
