@@ -21,8 +21,9 @@ ChannelMapper) are mapped to ours by :data:`RULES`; three kinds of tensors chang
   ``cls_thing_branches``, whose losses the official code multiplies by 0 and which inference
   never uses, and BatchNorm ``num_batches_tracked`` counters.
 
-Backbones: mmdet ResNet -> detectron2 ResNet names; Swin keeps its names under ``backbone.``;
-PVTv2 (official ``pvt_v2.py``, the original PVT layout) goes through timm's own
+Backbones: mmdet ResNet -> detectron2 ResNet names; Swin keeps its names under ``backbone.``
+(the official Swin has no output norm ``norm0`` for its unused first stage; an identity one is
+added, since ours always has ``norm0``..``norm3``); PVTv2 (official ``pvt_v2.py``, the original PVT layout) goes through timm's own
 ``checkpoint_filter_fn`` to timm's names under ``backbone.model.``.
 """
 
@@ -246,12 +247,30 @@ def convert_state_dict(
         fn = level_transform(new, heads, levels)
         out[new] = fn(v) if fn is not None else v
         origin[new] = k
+    _add_unused_swin_norms(out)
     # zero biases of the bias-free ChannelMapper convs
     for name in list(out):
         m = re.fullmatch(re.escape(_ENC) + r"(input_proj|extra_proj)\.(\d+)\.0\.weight", name)
         if m and name[: -len("weight")] + "bias" not in out:
             out[name[: -len("weight")] + "bias"] = out[name].new_zeros(out[name].shape[0])
     return out, origin, dropped
+
+
+def _add_unused_swin_norms(out: Dict[str, torch.Tensor]) -> None:
+    """Identity LayerNorms ``backbone.norm{i}`` for Swin stages that are not outputs (in place).
+
+    The official Swin builds an output norm only for its ``out_indices`` (1, 2, 3): no
+    ``norm0``; our ``D2SwinTransformer`` always has ``norm0``..``norm3`` (checkpoint key set) and
+    uses only those of ``OUT_FEATURES``, so the missing ones get weight 1, bias 0 (never used).
+    """
+    i = 0
+    while f"backbone.layers.{i}.blocks.0.norm1.weight" in out:
+        ch = out[f"backbone.layers.{i}.blocks.0.norm1.weight"].shape[0]
+        ref = out[f"backbone.layers.{i}.blocks.0.norm1.weight"]
+        if f"backbone.norm{i}.weight" not in out:
+            out[f"backbone.norm{i}.weight"] = ref.new_ones(ch)
+            out[f"backbone.norm{i}.bias"] = ref.new_zeros(ch)
+        i += 1
 
 
 def to_official(
@@ -288,8 +307,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("input", help="official Panoptic SegFormer checkpoint (.pth)")
     parser.add_argument("output", help="file to write (.pth)")
     parser.add_argument("--config-file", default="", help="check keys/shapes against this model")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
-    args = parser.parse_args(argv)
+    parser.add_argument("opts", nargs="*", help="config overrides (KEY VALUE ...)")
+    # intermixed: with a REMAINDER positional, a --config-file given after IN OUT (the usage
+    # above) was swallowed into opts and the check silently skipped
+    args = parser.parse_intermixed_args(argv)
     if not args.output.endswith(".pth"):
         parser.error("the output must end with .pth")
     data = load_checkpoint_file(args.input)

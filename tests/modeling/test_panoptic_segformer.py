@@ -398,6 +398,11 @@ def test_official_key_mapping_round_trip(tmp_path):
     src, dst = tmp_path / "official.pth", tmp_path / "ours.pth"
     torch.save({"meta": {"epoch": 24}, "state_dict": official}, src)
     assert conv.main([str(src), str(dst), "--config-file", QUICK]) == 0
+    # the check runs with --config-file after IN OUT (it was once swallowed by the overrides)
+    bad = tmp_path / "bad.pth"
+    opts = ["MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "7"]
+    assert conv.main([str(src), str(bad), "--config-file", QUICK] + opts) == 1
+    assert not bad.exists()
     saved = torch.load(dst, weights_only=True)["model"]
     assert torch.equal(saved["sem_seg_head.predictor.stuff_query.weight"],
                        official["bbox_head.stuff_query.weight"])  # fmt: skip
