@@ -27,17 +27,17 @@ The official head hard-codes COCO (``labels < 80``, stuff labels ``arange(80, 13
 uses COCO's 80 + 53 classes on both sides (ours reads them from the ``coco_2017_train_panoptic``
 metadata, which needs no data on disk).
 
-Two input-side differences are deliberate (README "Deviations"); rows downstream of one are
-marked "(info)" (shown, never failing) while it is in effect:
+Two input-side settings must agree; rows downstream of a difference are marked "(info)"
+(shown, never failing) while it is in effect:
 
 - the encoder's sine positional encoding: mmdet's ``SinePositionalEncoding(offset=-0.5)`` in the
-  official configs, no offset (and no config key for one) in the shared encoder.
-  ``--official-pos-offset`` (default -0.5, as the configs are written) sets the official value;
-  ``--our-pos-offset`` replaces our encoder's encoding at run time by
-  :class:`OffsetSineEncoding` with that offset (what a config switch would do);
+  official configs, ``MODEL.MSDEFORM_PIXEL_DECODER.POS_OFFSET`` (-0.5 in our COCO configs, 0 in
+  the shared encoder's default) in ours. ``--official-pos-offset`` (default -0.5, as the
+  configs are written) sets the official value, ``--our-pos-offset`` ours (default: the
+  config's);
 - padding: the official test pipeline never pads; ours pads to
-  ``MODEL.PANOPTIC_SEGFORMER.SIZE_DIVISIBILITY`` (32) without a padding mask
-  (``--size-divisibility 0`` turns it off; matters for sizes not multiples of 32).
+  ``MODEL.PANOPTIC_SEGFORMER.SIZE_DIVISIBILITY`` without a padding mask (0 in our COCO configs:
+  no padding; ``--size-divisibility 32`` shows the difference on sizes not multiples of 32).
 
 With equal offsets and no padding every row must agree to float32 precision.
 
@@ -45,15 +45,13 @@ Usage::
 
     python tools/compare_with_official_panoptic_segformer.py \\
         --official-root /work/ref/PanopticSegFormer --mm-site /work/ref/mm017/site \\
-        --mmdet-site /work/ref/psf_site --official-pos-offset 0
-    # as the official config is written (offset -0.5): info rows show the deviation
-    python tools/compare_with_official_panoptic_segformer.py ... --official-pos-offset -0.5
-    # ... and with the offset applied to ours at run time: exact again
-    python tools/compare_with_official_panoptic_segformer.py ... --official-pos-offset -0.5 \
-        --our-pos-offset -0.5
-    # padding: an image that is not a multiple of 32, without our padding
+        --mmdet-site /work/ref/psf_site
+    # both configs as written (offset -0.5 on both sides, no padding), a size not a multiple of 32
+    python tools/compare_with_official_panoptic_segformer.py ... --size 120 150
+    # the deviations made visible: ours without the offset / with padding to 32
+    python tools/compare_with_official_panoptic_segformer.py ... --our-pos-offset 0
     python tools/compare_with_official_panoptic_segformer.py ... --size 120 150 \
-        --size-divisibility 0
+        --size-divisibility 32
     # the other official backbones (Swin-L shortened to 2 blocks per stage, PVTv2-B5)
     python tools/compare_with_official_panoptic_segformer.py ... --backbone swinl
 
@@ -120,7 +118,6 @@ from compare_with_official_regproxy import (  # noqa: E402  (shared run-time sta
 )
 
 from seg_methods.config import get_cfg  # noqa: E402
-from seg_methods.layers.position_encoding import PositionEmbeddingSine  # noqa: E402
 from seg_methods.utils.checkpoint import SegCheckpointer  # noqa: E402
 from seg_methods.utils.parity import Report, Row  # noqa: E402
 
@@ -331,27 +328,6 @@ def build_ours(config_file: str, opts: Sequence[str]) -> Tuple[torch.nn.Module, 
     return build_model(cfg).eval(), cfg
 
 
-class OffsetSineEncoding(PositionEmbeddingSine):
-    """Our sine encoding with mmdet's ``offset`` (coordinate ``(i + offset) / n``, ``i`` 1-based,
-    ``n`` the unshifted extent): what a switch in the shared encoder would compute. Only used
-    by ``--our-pos-offset`` to show that the offset is the whole remaining difference."""
-
-    def __init__(self, num_pos_feats: int, offset: float):
-        super().__init__(num_pos_feats, normalize=True)
-        self.offset = offset
-
-    def forward(self, x, mask=None):
-        """x (N, C, H, W) -> (N, 2F, H, W); no padding mask (as the shared encoder)."""
-        n, _, h, w = x.shape
-        valid = torch.ones((n, h, w), device=x.device, dtype=torch.float32)
-        y, xx = valid.cumsum(1), valid.cumsum(2)
-        y = (y + self.offset) / (y[:, -1:, :] + 1e-6) * self.scale
-        xx = (xx + self.offset) / (xx[:, :, -1:] + 1e-6) * self.scale
-        i = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
-        freq = self.temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / self.num_pos_feats)
-        return torch.cat((self._encode(y, freq), self._encode(xx, freq)), dim=1)
-
-
 def _load_converter():
     spec = importlib.util.spec_from_file_location(
         "convert_panoptic_segformer_weights",
@@ -443,7 +419,7 @@ def compare(
     size: Sequence[int] = (128, 160),
     sizes: Optional[Dict[str, int]] = None,
     pos_offset: float = -0.5,
-    our_pos_offset: float = 0.0,
+    our_pos_offset: Optional[float] = None,
     size_divisibility: Optional[int] = None,
     score_threshold: Optional[float] = None,
     mask_bias: float = 0.0,
@@ -468,6 +444,8 @@ def compare(
     opts = our_opts(sizes) + BACKBONES[backbone][3]
     if size_divisibility is not None:
         opts += ["MODEL.PANOPTIC_SEGFORMER.SIZE_DIVISIBILITY", str(size_divisibility)]
+    if our_pos_offset is not None:
+        opts += ["MODEL.MSDEFORM_PIXEL_DECODER.POS_OFFSET", str(our_pos_offset)]
     if score_threshold is not None:  # both sides alike
         off_head.quality_threshold_things = off_head.quality_threshold_stuff = score_threshold
         opts += [
@@ -478,9 +456,7 @@ def compare(
         ]
     t = time.perf_counter()
     ours, cfg = build_ours(our_config, opts)
-    if our_pos_offset:  # what the proposed encoder switch would compute (module docstring)
-        pixel_decoder = ours.sem_seg_head.pixel_decoder
-        pixel_decoder.pe_layer = OffsetSineEncoding(pixel_decoder.conv_dim // 2, our_pos_offset)
+    our_pos_offset = cfg.MODEL.MSDEFORM_PIXEL_DECODER.POS_OFFSET
     report.timings["build ours"] = time.perf_counter() - t
     report.model = (
         f"Panoptic SegFormer {backbone}, {h}x{w}, pos offset official {pos_offset} / ours "
@@ -636,14 +612,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--our-pos-offset",
         type=float,
-        default=0.0,
-        help="apply this offset to our encoder's sine encoding at run time (proposed switch)",
+        default=None,
+        help="our MODEL.MSDEFORM_PIXEL_DECODER.POS_OFFSET (default: the config's, -0.5)",
     )
     parser.add_argument(
         "--size-divisibility",
         type=int,
         default=None,
-        help="our MODEL.PANOPTIC_SEGFORMER.SIZE_DIVISIBILITY (default: the config's 32)",
+        help="our MODEL.PANOPTIC_SEGFORMER.SIZE_DIVISIBILITY (default: the config's 0)",
     )
     parser.add_argument(
         "--score-threshold",

@@ -43,3 +43,6 @@ def add_msdeform_pixel_decoder_config(cfg):
     # coarser levels added below the coarsest encoder input (3x3 stride-2 conv + GN each; the
     # first reads the raw backbone feature): 0 for Mask2Former, 1 for Panoptic SegFormer's 1/64
     m.NUM_EXTRA_LEVELS = 0
+    # offset added to the encoder's 1-based pixel coordinates before the sine encoding normalises
+    # them: 0 for Mask2Former, -0.5 for mmdet's SinePositionalEncoding (Panoptic SegFormer)
+    m.POS_OFFSET = 0.0

@@ -3,6 +3,7 @@
 Shape shorthand:
     N: batch size, C: feature channels, H, W: spatial size, F: features per axis (= C_out / 2)
 """
+
 import math
 
 import torch
@@ -22,12 +23,21 @@ class PositionEmbeddingSine(nn.Module):
         temperature (float): T.
         normalize (bool): divide coordinates by the extent and multiply by ``scale``.
         scale (float): defaults to 2*pi; only valid with ``normalize``.
+        offset (float): added to the 1-based coordinate before normalising, ``(t + offset) /
+            extent``: mmdet's ``SinePositionalEncoding(offset=...)`` (Deformable DETR and Panoptic
+            SegFormer use -0.5); 0 is DETR's / Mask2Former's encoding. Only valid with
+            ``normalize``.
     """
 
-    def __init__(self, num_pos_feats=64, temperature=10000, normalize=False, scale=None):
+    def __init__(
+        self, num_pos_feats=64, temperature=10000, normalize=False, scale=None, offset=0.0
+    ):
         super().__init__()
         if scale is not None and not normalize:
             raise ValueError("PositionEmbeddingSine: `scale` requires normalize=True")
+        if offset and not normalize:
+            raise ValueError("PositionEmbeddingSine: `offset` requires normalize=True")
+        self.offset = float(offset)
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.normalize = normalize
@@ -51,8 +61,8 @@ class PositionEmbeddingSine(nn.Module):
         xx = valid.cumsum(2)  # (N, H, W): 1-based column coordinate
         if self.normalize:
             eps = 1e-6
-            y = y / (y[:, -1:, :] + eps) * self.scale
-            xx = xx / (xx[:, :, -1:] + eps) * self.scale
+            y = (y + self.offset) / (y[:, -1:, :] + eps) * self.scale
+            xx = (xx + self.offset) / (xx[:, :, -1:] + eps) * self.scale
         i = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
         freq = self.temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / self.num_pos_feats)
         return torch.cat((self._encode(y, freq), self._encode(xx, freq)), dim=1)
@@ -69,5 +79,5 @@ class PositionEmbeddingSine(nn.Module):
     def extra_repr(self):
         return (
             f"num_pos_feats={self.num_pos_feats}, temperature={self.temperature}, "
-            f"normalize={self.normalize}, scale={self.scale:.4f}"
+            f"normalize={self.normalize}, scale={self.scale:.4f}, offset={self.offset}"
         )

@@ -1,5 +1,7 @@
 """Shared multi-scale plumbing: c2 convolutions, per-level input projections, level embeddings."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -47,3 +49,23 @@ def test_project_levels_adds_the_level_embedding_of_each_level():
         assert torch.equal(pos[lvl], pe(feats[lvl])) and torch.equal(pos[lvl], pos2[lvl])
     with pytest.raises(ValueError, match="2 feature levels for 3 input projections"):
         project_levels(feats, level_input_projections(3, 4, 3), pe)
+
+
+def test_sine_encoding_offset_is_mmdets_coordinate_shift():
+    """offset o: coordinate (i + o) / (n + eps) * 2 pi for 1-based i (mmdet's
+    SinePositionalEncoding); 0 is DETR's encoding; a non-zero offset needs normalize."""
+    h, w, f = 3, 4, 4
+    x = torch.zeros(1, 1, h, w)
+    plain = PositionEmbeddingSine(f, normalize=True)(x)
+    shifted = PositionEmbeddingSine(f, normalize=True, offset=-0.5)(x)
+    assert not torch.allclose(plain, shifted)
+    # channel 0 of the y half is sin(t / T^0) = sin(t), channel 1 cos(t); the x half follows
+    ty = (torch.arange(1, h + 1, dtype=torch.float32) - 0.5) / (h + 1e-6) * 2 * math.pi
+    tx = (torch.arange(1, w + 1, dtype=torch.float32) - 0.5) / (w + 1e-6) * 2 * math.pi
+    assert torch.allclose(shifted[0, 0, :, 0], ty.sin(), atol=1e-6)
+    assert torch.allclose(shifted[0, 1, :, 0], ty.cos(), atol=1e-6)
+    assert torch.allclose(shifted[0, f, 0, :], tx.sin(), atol=1e-6)
+    ty0 = torch.arange(1, h + 1, dtype=torch.float32) / (h + 1e-6) * 2 * math.pi
+    assert torch.allclose(plain[0, 0, :, 0], ty0.sin(), atol=1e-6)
+    with pytest.raises(ValueError, match="offset"):
+        PositionEmbeddingSine(f, offset=-0.5)

@@ -41,10 +41,12 @@ def tool_and_official():
 
 
 def test_matches_official_without_pos_offset(tool_and_official):
-    """With the official encoding's offset set to 0 (our encoder's), every stage agrees to
-    float32 precision and the panoptic maps are identical."""
+    """With the encoding's offset set to 0 on both sides, every stage agrees to float32
+    precision and the panoptic maps are identical."""
     tool, official = tool_and_official
-    report = tool.compare(official, pos_offset=0.0, mask_bias=-1.0, log=lambda s: None)
+    report = tool.compare(
+        official, pos_offset=0.0, our_pos_offset=0.0, mask_bias=-1.0, log=lambda s: None
+    )
     print(report.format())
     assert report.ok, [r.name for r in report.failed()]
     assert not any("info" in r.name for r in report.rows)
@@ -63,20 +65,14 @@ def test_matches_official_without_pos_offset(tool_and_official):
     assert report.row("backbone res5").abs_diff == 0.0
 
 
-def test_matches_official_with_offset_and_without_padding(tool_and_official):
-    """As the official config is written (offset -0.5) on an image whose sides are not multiples
-    of 32: ours matches when its encoding gets the same offset (the tool's run-time stand-in for
-    the missing switch) and MODEL.PANOPTIC_SEGFORMER.SIZE_DIVISIBILITY is 0 (the official test
-    pipeline does not pad)."""
+def test_matches_official_as_both_configs_are_written(tool_and_official):
+    """Both sides as their configs are written, on an image whose sides are not multiples of 32:
+    the official offset -0.5 against our COCO configs' MODEL.MSDEFORM_PIXEL_DECODER.POS_OFFSET
+    -0.5, and no padding (the official test pipeline's) against their
+    MODEL.PANOPTIC_SEGFORMER.SIZE_DIVISIBILITY 0."""
     tool, official = tool_and_official
     report = tool.compare(
-        official,
-        size=(120, 150),
-        pos_offset=-0.5,
-        our_pos_offset=-0.5,
-        size_divisibility=0,
-        mask_bias=-1.0,
-        log=lambda s: None,
+        official, size=(120, 150), pos_offset=-0.5, mask_bias=-1.0, log=lambda s: None
     )
     print(report.format())
     assert report.ok, [r.name for r in report.failed()]
@@ -88,9 +84,9 @@ def test_matches_official_with_offset_and_without_padding(tool_and_official):
 @pytest.mark.parametrize("backbone", ["swinl", "pvtb5"])
 def test_matches_official_other_backbones(tool_and_official, backbone):
     """The official Swin-L (2 blocks per stage here) and PVTv2-B5 configs: converted into our
-    D2SwinTransformer / timm pvt_v2_b5 configs, every stage agrees (offset 0 on both sides)."""
+    D2SwinTransformer / timm pvt_v2_b5 configs, every stage agrees (both configs as written)."""
     tool, official = tool_and_official
-    report = tool.compare(official, backbone=backbone, pos_offset=0.0, log=lambda s: None)
+    report = tool.compare(official, backbone=backbone, log=lambda s: None)
     print(report.format())
     assert report.ok, [r.name for r in report.failed()]
     assert not any("info" in r.name for r in report.rows)
@@ -99,14 +95,16 @@ def test_matches_official_other_backbones(tool_and_official, backbone):
 
 
 def test_deviations_are_visible(tool_and_official):
-    """The two documented deviations change the outputs (the check sees real differences): the
-    official offset -0.5 against our encoding without it, and our padding to 32 of a 120x150
-    image, which the official test pipeline does not pad."""
+    """Both settings change the outputs (the check sees real differences): the official offset
+    -0.5 against our encoding without it, and padding to 32 of a 120x150 image, which the
+    official test pipeline does not pad."""
     tool, official = tool_and_official
-    report = tool.compare(official, pos_offset=-0.5, log=lambda s: None)
+    report = tool.compare(official, pos_offset=-0.5, our_pos_offset=0.0, log=lambda s: None)
     assert report.row("backbone res3").abs_diff == 0.0
     assert report.row("encoder output").rel_diff > 1e-3
     assert report.row("location decoder layer 1: class").rel_diff > 1e-4
-    padded = tool.compare(official, size=(120, 150), pos_offset=0.0, log=lambda s: None)
+    padded = tool.compare(
+        official, size=(120, 150), pos_offset=-0.5, size_divisibility=32, log=lambda s: None
+    )
     assert padded.row("backbone res4").rel_diff > 1e-3  # same shape, other values
     assert padded.row("location decoder layer 1: class").rel_diff > 1e-3

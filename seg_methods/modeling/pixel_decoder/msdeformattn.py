@@ -177,6 +177,7 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
         num_outputs: int = 3,
         deform_attn_impl: str = "auto",
         num_extra_levels: int = 0,
+        pos_offset: float = 0.0,
     ):
         """
         Args:
@@ -198,6 +199,9 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
                 reads the raw backbone feature), as Deformable DETR / Panoptic SegFormer's 4th
                 level (0: none, Mask2Former). ``mask_dim`` 0 builds no mask-feature conv and
                 ``forward_features`` then returns None for the mask features.
+            pos_offset: offset of the sine positional encoding's coordinates (0: Mask2Former's;
+                -0.5: mmdet's ``SinePositionalEncoding(offset=-0.5)`` of Deformable DETR and
+                Panoptic SegFormer).
         """
         super().__init__()
         shapes = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
@@ -242,7 +246,7 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
             enc_n_points=transformer_n_points,
             impl=deform_attn_impl,
         )
-        self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
+        self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True, offset=pos_offset)
 
         self.conv_dim = conv_dim
         self.mask_dim = mask_dim
@@ -281,6 +285,7 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
             "common_stride": m.COMMON_STRIDE,
             "deform_attn_impl": m.DEFORM_ATTN_IMPL,
             "num_extra_levels": m.NUM_EXTRA_LEVELS,
+            "pos_offset": m.POS_OFFSET,
         }
 
     def forward_features(self, features: Dict[str, torch.Tensor]):
