@@ -104,8 +104,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("input", help="official Mask2Former checkpoint (.pkl or .pth)")
     parser.add_argument("output", help="file to write (.pth)")
     parser.add_argument("--config-file", default="", help="check keys/shapes against this model")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
-    args = parser.parse_args(argv)
+    parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE ...)")
+    # intermixed: a REMAINDER positional swallowed a --config-file written after IN OUT (the
+    # documented usage), so the key / shape check silently never ran
+    args = parser.parse_intermixed_args(argv)
     if not args.output.endswith(".pth"):
         parser.error("the output must end with .pth")
 

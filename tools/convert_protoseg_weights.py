@@ -208,8 +208,10 @@ def main(argv=None) -> int:
     parser.add_argument("input", help="official ProtoSeg checkpoint (.pth)")
     parser.add_argument("output", help="converted checkpoint (.pth) for MODEL.WEIGHTS")
     parser.add_argument("--config-file", help="check keys/shapes against this config's model")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides")
-    args = parser.parse_args(argv)
+    parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE ...)")
+    # intermixed: a REMAINDER positional swallowed a --config-file written after IN OUT (the
+    # documented usage), so the key / shape check silently never ran
+    args = parser.parse_intermixed_args(argv)
     converted = convert(load_official_state(args.input))
     if args.config_file:
         check_against_config(converted, args.config_file, args.opts)

@@ -340,6 +340,15 @@ def test_mask2former_converter(tmp_path, capsys):
         (49, 1),
         (81, 1),
     ) in mismatched
+    # The documented usage, --config-file after IN OUT and overrides after it, runs the check
+    # (an argparse REMAINDER once swallowed --config-file into the overrides).
+    quick = os.path.join(
+        os.path.dirname(__file__), "..", "..", "configs", "quick_schedules",
+        "mask2former_synthetic_panoptic_instant_test.yaml",
+    )  # fmt: skip
+    tool.main([str(tmp_path / "m2f.pkl"), str(tmp_path / "q.pth"), "--config-file", quick,
+               "MODEL.DEVICE", "cpu"])  # fmt: skip
+    assert f"against {quick}:" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
