@@ -1,4 +1,5 @@
 """Shared pytest setup: deterministic seeds, two CPU threads, a small embedded dataset."""
+
 import os
 import random
 
@@ -15,6 +16,21 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_threads(request):
+    """A module that sets ``TORCH_THREADS = n`` runs with n intra-op threads (restored after it):
+    on the shared 2-core machine two OpenMP threads competing with other processes made small
+    models several times slower."""
+    n = getattr(request.module, "TORCH_THREADS", None)
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")

@@ -42,14 +42,7 @@ CLUSTSEG = os.path.join(QUICK, "clustseg_synthetic_panoptic_instant_test.yaml")
 SIZE = (45, 62)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module: on the shared 2-core machine, two OpenMP threads
-    competing with other processes made these small models about 5x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TORCH_THREADS = 1  # one intra-op thread for this module (tests/conftest.py)
 
 
 def _model(path, *opts):

@@ -30,12 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 QUICK = os.path.join(REPO, "configs/quick_schedules/crm_synthetic_refinement_instant_test.yaml")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TORCH_THREADS = 1  # one intra-op thread for this module (tests/conftest.py)
 
 
 def _decoder(seed=0, channels=6, **kwargs):
@@ -474,3 +469,8 @@ def test_tiled_fusion_equals_whole_map(tiny_crm):
     with pytest.raises(RuntimeError, match="eval mode"):
         model.train().fusion.forward_tiled([torch.zeros(1, 64, 4, 4)] * 3, 2, torch.nn.Identity())
     model.eval()
+
+
+def test_module_runs_with_its_torch_threads():
+    # TORCH_THREADS above, applied by tests/conftest.py's module fixture
+    assert torch.get_num_threads() == TORCH_THREADS

@@ -19,13 +19,7 @@ from repo_scripts import load_script
 QUICK = "configs/quick_schedules/regproxy_synthetic_semantic_instant_test.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads were several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TORCH_THREADS = 1  # one intra-op thread for this module (tests/conftest.py)
 
 
 def _tiny_vit(indices, names, pos_embed_antialias=False, **extra):

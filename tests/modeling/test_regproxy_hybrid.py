@@ -27,14 +27,7 @@ CONFIGS = {
 TINY = ["img_size=64", "depth=2", "embed_dim=64", "num_heads=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread (as tests/modeling/test_model_e2e.py): on the shared 2-core machine
-    two threads made these small models several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TORCH_THREADS = 1  # one intra-op thread for this module (tests/conftest.py)
 
 
 def _backbone(name, indices=(-1, 0, 1), **extra):

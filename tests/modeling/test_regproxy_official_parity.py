@@ -36,13 +36,7 @@ def _load_tool():
     return load_script("tools/compare_with_official_regproxy.py")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads were several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TORCH_THREADS = 1  # one intra-op thread for this module (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
