@@ -41,6 +41,7 @@ from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dist_launch import launch_retrying_gloo_aborts
 from seg_methods.config import get_cfg
 from seg_methods.data.build import build_dataset_mapper
 from seg_methods.data.datasets.synthetic import register_synthetic
@@ -231,7 +232,7 @@ def _assert_close(a, b, what):
 def test_two_processes_match_one_process(dist_root, tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # let launch place the threads
     out = str(tmp_path)
-    launch(_train_worker, WORLD, dist_url="auto", args=(dist_root, out), timeout=TIMEOUT)
+    launch_retrying_gloo_aborts(_train_worker, WORLD, (dist_root, out), TIMEOUT)
 
     for norm in NORMS:
         ranks = [torch.load(os.path.join(out, f"{norm}_rank{r}.pt")) for r in range(WORLD)]

@@ -28,9 +28,10 @@ from panopticapi.utils import rgb2id
 from PIL import Image
 from torch import nn
 
+from dist_launch import launch_retrying_gloo_aborts
 from seg_methods.config import get_cfg
 from seg_methods.data.datasets.synthetic import register_synthetic
-from seg_methods.engine import Trainer, launch
+from seg_methods.engine import Trainer
 
 WORLD = 2
 DATA = dict(name_prefix="dist_eval_synthetic", num_train=1, num_val=4, image_size=32, seed=0)
@@ -176,7 +177,7 @@ def test_two_process_evaluation_equals_one_process(eval_root, tmp_path):
             single[superpixel]["superpixel"][key]
         )
 
-    launch(_eval_worker, WORLD, dist_url="auto", args=(eval_root, str(tmp_path)), timeout=TIMEOUT)
+    launch_retrying_gloo_aborts(_eval_worker, WORLD, (eval_root, str(tmp_path)), TIMEOUT)
     with open(tmp_path / "results.json") as f:
         double = json.load(f)
     assert double.keys() == single.keys()
