@@ -8,13 +8,12 @@ available: PSF_OFFICIAL_ROOT (a zhiqi-li/Panoptic-SegFormer checkout), PSF_MM_SI
 terminaltables + six). See projects/PanopticSegFormer/README.md for the exact commands.
 """
 
-import importlib.util
 import os
 
 import pytest
 import torch
+from repo_scripts import load_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _ENV = ("PSF_OFFICIAL_ROOT", "PSF_MM_SITE", "PSF_MMDET_SITE")
 
 pytestmark = pytest.mark.skipif(
@@ -23,20 +22,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "compare_with_official_panoptic_segformer",
-        os.path.join(REPO, "tools", "compare_with_official_panoptic_segformer.py"),
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def tool_and_official():
     torch.set_num_threads(1)
-    tool = _tool()
+    tool = load_script("tools/compare_with_official_panoptic_segformer.py")
     return tool, tool.OfficialCode(*tool.find_official(None, None, None))
 
 
