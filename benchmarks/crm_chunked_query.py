@@ -108,6 +108,13 @@ def main(argv=None):
         default=None,
         help="MODEL.CRM.FUSION_TILE_ROWS for the runs (default: the config's, 512)",
     )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=("decode", "cascade"),
+        default=["decode", "cascade"],
+        help="which measurements to run (decode alone keeps the unchunked 4096 case within 16 GB)",
+    )
     parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
@@ -127,6 +134,8 @@ def main(argv=None):
     rows = []
     for label, chunk in (("chunked", args.chunk), ("unchunked", 0)):
         for part, make in (("decode", decode_fn), ("cascade", cascade_fn)):
+            if part not in args.parts:
+                continue
             if chunk == 0 and unchunked_estimate > args.max_gb * 2**30:
                 rows.append(
                     {
@@ -155,7 +164,7 @@ def main(argv=None):
 
     by = {(r["mode"], r["part"]): r for r in rows}
     ratios = {}
-    for part in ("decode", "cascade"):
+    for part in args.parts:
         c, u = by[("chunked", part)], by[("unchunked", part)]
         if u["peak_mb"] is not None:
             ratios[part] = {
@@ -166,6 +175,7 @@ def main(argv=None):
         "size": args.size,
         "queries_last_scale": n_queries,
         "threads": args.threads,
+        "parts": list(args.parts),
         "fusion_tile_rows": model.fusion_tile_rows,
         "unchunked_decoder_bytes_per_query": per_query,
         "unchunked_decode_peak_mb_estimate": unchunked_estimate / 2**20,
