@@ -46,3 +46,8 @@ def add_msdeform_pixel_decoder_config(cfg):
     # offset added to the encoder's 1-based pixel coordinates before the sine encoding normalises
     # them: 0 for Mask2Former, -0.5 for mmdet's SinePositionalEncoding (Panoptic SegFormer)
     m.POS_OFFSET = 0.0
+    # Under a bf16 autocast (SPEED.BF16_AUTOCAST): False runs the whole pixel decoder in float32
+    # (the official forward_features is decorated with autocast(enabled=False)); True keeps only
+    # the deformable encoder in float32 and lets the FPN lateral/output convs and the mask-feature
+    # conv follow the autocast (bf16), a speed deviation. No effect without autocast.
+    m.FPN_AUTOCAST = False

@@ -280,6 +280,63 @@ def test_pixel_decoder_output_strides():
     assert torch.equal(multi_scale[0], coarsest)
 
 
+def _small_pixel_decoder(fpn_autocast):
+    torch.manual_seed(0)
+    return Mask2FormerMSDeformAttnPixelDecoder(
+        PIXEL_DECODER_SHAPES,
+        transformer_dropout=0.0,
+        transformer_nheads=4,
+        transformer_dim_feedforward=64,
+        transformer_enc_layers=1,
+        transformer_n_points=2,
+        conv_dim=32,
+        mask_dim=16,
+        norm="GN",
+        transformer_in_features=["res3", "res4", "res5"],
+        common_stride=4,
+        deform_attn_impl="pytorch",
+        fpn_autocast=fpn_autocast,
+    ).eval()
+
+
+def test_pixel_decoder_fpn_autocast_runs_only_the_fpn_convs_in_bf16():
+    """MSDEFORM_PIXEL_DECODER.FPN_AUTOCAST: off (official), the whole decoder ignores an enclosing
+    bf16 autocast; on, the encoder stays float32 and only the FPN / mask-feature convs run in
+    bf16; without autocast the two settings are the same function."""
+    official, fast = _small_pixel_decoder(False), _small_pixel_decoder(True)
+    fast.load_state_dict(official.state_dict())
+    sizes = {"res2": (13, 19), "res3": (7, 10), "res4": (4, 5), "res5": (2, 3)}
+    torch.manual_seed(1)
+    feats = {k: torch.randn(2, PIXEL_DECODER_SHAPES[k].channels, *hw) for k, hw in sizes.items()}
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = output.dtype
+
+        return hook
+
+    for name in ("layer_1", "mask_features"):
+        getattr(fast, name).register_forward_hook(record(name))
+    with torch.no_grad():
+        ref = official.forward_features(feats)
+        plain = fast.forward_features(feats)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            off = official.forward_features(feats)
+            on = fast.forward_features(feats)
+    # no autocast: identical
+    assert torch.equal(plain[0], ref[0]) and all(torch.equal(a, b) for a, b in zip(plain[2], ref[2]))
+    # official: autocast has no effect at all
+    assert torch.equal(off[0], ref[0]) and all(torch.equal(a, b) for a, b in zip(off[2], ref[2]))
+    # fast: the FPN convs ran in bf16, outputs are returned in float32
+    assert seen == {"layer_1": torch.bfloat16, "mask_features": torch.bfloat16}
+    assert on[0].dtype == torch.float32 and all(o.dtype == torch.float32 for o in on[2])
+    # the encoder levels (1/32 .. 1/8) are untouched; the 1/4 mask features differ by bf16 rounding
+    assert all(torch.equal(a, b) for a, b in zip(on[2], ref[2]))
+    assert not torch.equal(on[0], ref[0])
+    torch.testing.assert_close(on[0], ref[0], rtol=0.05, atol=0.05 * ref[0].abs().max().item())
+
+
 # --------------------------------------------------------------------------- whole model
 def _tiny_cfg(tiny_synthetic):
     cfg = get_cfg()

@@ -13,6 +13,7 @@ Shape shorthand:
     H_l, W_l: size of level l (levels ordered from low to high resolution inside the encoder)
 """
 
+import contextlib
 import math
 from typing import Callable, Dict, List, Optional, Union
 
@@ -178,6 +179,7 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
         deform_attn_impl: str = "auto",
         num_extra_levels: int = 0,
         pos_offset: float = 0.0,
+        fpn_autocast: bool = False,
     ):
         """
         Args:
@@ -202,8 +204,13 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
             pos_offset: offset of the sine positional encoding's coordinates (0: Mask2Former's;
                 -0.5: mmdet's ``SinePositionalEncoding(offset=-0.5)`` of Deformable DETR and
                 Panoptic SegFormer).
+            fpn_autocast: under an enclosing autocast (e.g. ``SPEED.BF16_AUTOCAST``), run the FPN
+                convs and the mask-feature conv in it instead of float32 (the deformable encoder
+                always runs in float32). False is the official behaviour; without autocast both
+                are the same.
         """
         super().__init__()
+        self.fpn_autocast = bool(fpn_autocast)
         shapes = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
         self.in_features = [k for k, _ in shapes]  # high -> low resolution
         self.feature_channels = [v.channels for _, v in shapes]
@@ -286,6 +293,7 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
             "deform_attn_impl": m.DEFORM_ATTN_IMPL,
             "num_extra_levels": m.NUM_EXTRA_LEVELS,
             "pos_offset": m.POS_OFFSET,
+            "fpn_autocast": m.FPN_AUTOCAST,
         }
 
     def forward_features(self, features: Dict[str, torch.Tensor]):
@@ -297,8 +305,10 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
             mask_features (N, mask_dim, H/4, W/4), coarsest encoder output (N, C, H/32, W/32),
             list of ``num_outputs`` maps (N, C, H_l, W_l) from low to high resolution.
         """
-        # The deformable encoder runs in float32 (sampling is not half-precision safe).
-        with torch.autocast(device_type=next(iter(features.values())).device.type, enabled=False):
+        # The deformable encoder runs in float32 (sampling is not half-precision safe); the FPN
+        # convs too, unless ``fpn_autocast`` (then they follow the enclosing autocast).
+        device_type = next(iter(features.values())).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
             enc_inputs = [features[name].float() for name in self.transformer_in_features[::-1]]
             srcs, pos = project_levels(
                 enc_inputs, self.input_proj, self.pe_layer
@@ -317,12 +327,19 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
                 z.transpose(1, 2).reshape(n, -1, int(h), int(w))
                 for z, (h, w) in zip(torch.split(memory, sizes, dim=1), spatial_shapes.tolist())
             ]
+        with contextlib.ExitStack() as stack:
+            if not self.fpn_autocast:
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
             # FPN: add the higher-resolution backbone features not seen by the encoder
             for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
-                lat = self.lateral_convs[idx](features[name].float())
+                feature = features[name] if self.fpn_autocast else features[name].float()
+                lat = self.lateral_convs[idx](feature)
                 up = F.interpolate(
                     outs[-1], size=lat.shape[-2:], mode="bilinear", align_corners=False
                 )
                 outs.append(self.output_convs[idx](lat + up))
             mask_features = None if self.mask_features is None else self.mask_features(outs[-1])
-            return mask_features, outs[0], outs[: self.num_outputs]
+        if self.fpn_autocast:  # callers get float32, as with the official float32 decoder
+            outs = [o.float() for o in outs]
+            mask_features = None if mask_features is None else mask_features.float()
+        return mask_features, outs[0], outs[: self.num_outputs]
