@@ -3,7 +3,7 @@
 dataset, on the CPU, and say where the results are.
 
 Steps: generate the synthetic dataset if absent (about 30 s), train
-``configs/synthetic/panoptic-segmentation/mask2former/mask2former_R18_bs8_600it.yaml`` with
+``configs/synthetic/panoptic-segmentation/mask2former/mask2former_R18_dec3_bs8_2k_demo.yaml`` with
 ``train_net.py``'s code path, evaluate on ``synthetic_panoptic_val`` (PQ, mIoU, mask AP), write
 ``metrics.json``, TensorBoard events, checkpoints and pictures of validation images.
 
@@ -17,7 +17,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(
-    ROOT, "configs", "synthetic", "panoptic-segmentation", "mask2former", "mask2former_R18_bs8_600it.yaml"
+    ROOT, "configs", "synthetic", "panoptic-segmentation", "mask2former", "mask2former_R18_dec3_bs8_2k_demo.yaml"
 )
 HEADLINE = {
     "panoptic_seg": ["PQ", "SQ", "RQ", "PQ_th", "PQ_st"],

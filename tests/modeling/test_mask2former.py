@@ -247,40 +247,7 @@ def test_position_encoding_without_normalisation_uses_raw_coordinates():
 
 
 # --------------------------------------------------------------------------- pixel decoder
-def test_pixel_decoder_output_strides():
-    torch.manual_seed(0)
-    shapes = PIXEL_DECODER_SHAPES
-    pd = Mask2FormerMSDeformAttnPixelDecoder(
-        shapes,
-        transformer_dropout=0.0,
-        transformer_nheads=4,
-        transformer_dim_feedforward=64,
-        transformer_enc_layers=1,
-        transformer_n_points=2,
-        conv_dim=32,
-        mask_dim=16,
-        norm="GN",
-        transformer_in_features=["res3", "res4", "res5"],
-        common_stride=4,
-        deform_attn_impl="pytorch",
-    ).eval()
-    assert pd.num_fpn_levels == 1  # 1/8 -> 1/4
-    # odd sizes, as a ResNet gives for a 50x75 input
-    sizes = {"res2": (13, 19), "res3": (7, 10), "res4": (4, 5), "res5": (2, 3)}
-    feats = {k: torch.randn(2, shapes[k].channels, *hw) for k, hw in sizes.items()}
-    with torch.no_grad():
-        mask_features, coarsest, multi_scale = pd.forward_features(feats)
-    assert mask_features.shape == (2, 16, 13, 19)  # 1/4
-    assert coarsest.shape == (2, 32, 2, 3)  # 1/32
-    assert [tuple(m.shape) for m in multi_scale] == [
-        (2, 32, 2, 3),  # 1/32
-        (2, 32, 4, 5),  # 1/16
-        (2, 32, 7, 10),  # 1/8
-    ]
-    assert torch.equal(multi_scale[0], coarsest)
-
-
-def _small_pixel_decoder(fpn_autocast):
+def _small_pixel_decoder(fpn_autocast=False):
     torch.manual_seed(0)
     return Mask2FormerMSDeformAttnPixelDecoder(
         PIXEL_DECODER_SHAPES,
@@ -297,6 +264,25 @@ def _small_pixel_decoder(fpn_autocast):
         deform_attn_impl="pytorch",
         fpn_autocast=fpn_autocast,
     ).eval()
+
+
+def test_pixel_decoder_output_strides():
+    shapes = PIXEL_DECODER_SHAPES
+    pd = _small_pixel_decoder()
+    assert pd.num_fpn_levels == 1  # 1/8 -> 1/4
+    # odd sizes, as a ResNet gives for a 50x75 input
+    sizes = {"res2": (13, 19), "res3": (7, 10), "res4": (4, 5), "res5": (2, 3)}
+    feats = {k: torch.randn(2, shapes[k].channels, *hw) for k, hw in sizes.items()}
+    with torch.no_grad():
+        mask_features, coarsest, multi_scale = pd.forward_features(feats)
+    assert mask_features.shape == (2, 16, 13, 19)  # 1/4
+    assert coarsest.shape == (2, 32, 2, 3)  # 1/32
+    assert [tuple(m.shape) for m in multi_scale] == [
+        (2, 32, 2, 3),  # 1/32
+        (2, 32, 4, 5),  # 1/16
+        (2, 32, 7, 10),  # 1/8
+    ]
+    assert torch.equal(multi_scale[0], coarsest)
 
 
 def test_pixel_decoder_fpn_autocast_runs_only_the_fpn_convs_in_bf16():
