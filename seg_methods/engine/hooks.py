@@ -53,6 +53,8 @@ class SegEvalHook(hooks.EvalHook):
         eval_function (callable): no-argument function returning the nested results dict.
         output_dir (str): folder of ``metrics.json``.
         after_eval (sequence of callables): called with the results after writing them.
+        progress (TrainingProgress, optional): told the wall time of each evaluation and how
+            many remain, so that the progress line's rate and ETA account for them.
     """
 
     def __init__(
@@ -62,8 +64,10 @@ class SegEvalHook(hooks.EvalHook):
         *,
         output_dir: str,
         after_eval: Sequence[Callable[[Mapping], None]] = (),
+        progress: Optional["TrainingProgress"] = None,
     ):
         self._output_dir = output_dir
+        self._progress = progress
         self._after_eval = list(after_eval)
         self.last_metrics: Optional[dict] = None
 
@@ -76,6 +80,24 @@ class SegEvalHook(hooks.EvalHook):
             return results
 
         super().__init__(eval_period, evaluate_and_report)
+
+    def evaluations_left(self, next_iter: int) -> int:
+        """Evaluations after the one at ``next_iter``: the periodic ones before ``max_iter`` and
+        the final one (detectron2's schedule)."""
+        max_iter, period = self.trainer.max_iter, self._period
+        periodic = (max_iter - 1) // period - next_iter // period if period > 0 else 0
+        return max(periodic, 0) + (1 if next_iter < max_iter else 0)
+
+    def _do_eval(self):
+        start = time.perf_counter()
+        try:
+            return super()._do_eval()
+        finally:
+            if self._progress is not None:
+                next_iter = self.trainer.iter + 1
+                self._progress.add_pause(
+                    time.perf_counter() - start, self.evaluations_left(next_iter)
+                )
 
     def after_train(self):
         # TrainerBase.train leaves iter == max_iter only when the loop completed.
@@ -165,6 +187,12 @@ class TrainingProgress:
     The first iteration is not in the rate (it carries one-off costs: allocator warm-up, lazy
     initialisation, ``torch.compile``); from the second completed iteration on there is an ETA.
 
+    Evaluations are not training: the evaluation hook reports each one (:meth:`add_pause`), its
+    time is taken out of the rate (otherwise the iterations after an evaluation would look
+    slower for a whole window), and the ETA adds the evaluations still to come (the final one
+    included) at the cost of the last one. Before the first evaluation their cost is unknown and
+    the ETA is the training time alone.
+
     Args:
         max_iter (int): iterations of the run (iteration indices 0 .. max_iter - 1).
         window (int): the rate is measured over at most this many recent iterations.
@@ -177,11 +205,21 @@ class TrainingProgress:
         self.max_iter = max_iter
         self.window = window
         self.clock = clock
-        self._marks: Deque[Tuple[int, float]] = deque()  # (completed iteration, time)
+        self._marks: Deque[Tuple[int, float]] = deque()  # (completed iteration, training time)
+        self._paused = 0.0  # wall seconds spent in reported pauses (evaluations)
+        self._pause_seconds: Optional[float] = None  # the last pause's duration
+        self._pauses_left = 0
+
+    def add_pause(self, seconds: float, pauses_left: int) -> None:
+        """Report ``seconds`` of wall time spent outside training (an evaluation), with
+        ``pauses_left`` more such pauses to come before the run ends."""
+        self._paused += max(float(seconds), 0.0)
+        self._pause_seconds = max(float(seconds), 0.0)
+        self._pauses_left = max(int(pauses_left), 0)
 
     def mark(self, iteration: int, now: Optional[float] = None) -> None:
         """Record that ``iteration`` has just completed."""
-        now = self.clock() if now is None else now
+        now = (self.clock() if now is None else now) - self._paused
         if self._marks and iteration <= self._marks[-1][0]:  # restarted (e.g. resumed) run
             self._marks.clear()
         self._marks.append((iteration, now))
@@ -199,11 +237,15 @@ class TrainingProgress:
         return (i1 - i0) / (t1 - t0)
 
     def eta_seconds(self) -> Optional[float]:
-        """Seconds left for iterations ``last + 1 .. max_iter - 1``; None when unknown."""
+        """Seconds left for iterations ``last + 1 .. max_iter - 1`` and the evaluations still to
+        come (once one has been timed); None when unknown."""
         rate = self.iterations_per_second()
         if rate is None:
             return None
-        return max(self.max_iter - 1 - self._marks[-1][0], 0) / rate
+        seconds = max(self.max_iter - 1 - self._marks[-1][0], 0) / rate
+        if self._pause_seconds is not None:
+            seconds += self._pause_seconds * self._pauses_left
+        return seconds
 
 
 def format_seconds(seconds: float) -> str:

@@ -194,16 +194,21 @@ class Trainer(DefaultTrainer):
             self._last_eval_results = self.test(self.cfg, self.model)
             return self._last_eval_results
 
+        # the progress line from the first iterations on (see SegPeriodicWriter)
+        progress = None
+        for i, h in enumerate(ret):
+            if type(h) is hooks.PeriodicWriter:
+                ret[i] = SegPeriodicWriter(h._writers, period=h._period)
+                printers = [w for w in h._writers if isinstance(w, SegMetricPrinter)]
+                progress = printers[0].progress if printers else progress
+        # evaluations are timed and taken out of the progress line's rate, and added to its ETA
         ret[eval_idx[0]] = SegEvalHook(
             self.cfg.TEST.EVAL_PERIOD,
             test_and_save_results,
             output_dir=self.cfg.OUTPUT_DIR,
             after_eval=[lambda results: self.visualize(self.cfg, self.model)],
+            progress=progress,
         )
-        # the progress line from the first iterations on (see SegPeriodicWriter)
-        for i, h in enumerate(ret):
-            if type(h) is hooks.PeriodicWriter:
-                ret[i] = SegPeriodicWriter(h._writers, period=h._period)
         return ret
 
     def build_writers(self):

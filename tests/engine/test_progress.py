@@ -117,17 +117,57 @@ def test_periodic_writer_writes_the_progress_line_early(start_iter):
 
 
 def test_trainer_prints_rate_and_eta_from_the_first_iterations(engine_cfg, caplog):
-    from seg_methods.engine import Trainer
+    from seg_methods.engine import SegEvalHook, Trainer
 
     engine_cfg.DATASETS.TEST = ()
     engine_cfg.SOLVER.MAX_ITER = 4
     trainer = Trainer(engine_cfg)
     writer = [h for h in trainer._hooks if isinstance(h, SegPeriodicWriter)]
     assert len(writer) == 1
-    assert any(isinstance(w, SegMetricPrinter) for w in writer[0]._writers)
+    printers = [w for w in writer[0]._writers if isinstance(w, SegMetricPrinter)]
+    assert len(printers) == 1
+    # the evaluation hook reports its evaluations to the printer's rate/ETA estimator
+    (eval_hook,) = [h for h in trainer._hooks if isinstance(h, SegEvalHook)]
+    assert eval_hook._progress is printers[0].progress
     caplog.set_level(logging.INFO, logger="seg_methods.progress")
     trainer.train()
     lines = [r.getMessage() for r in caplog.records if r.name == "seg_methods.progress"]
     assert [line.split("  ")[0] for line in lines] == [f"iter: {i}/4" for i in range(4)]
     assert "eta: (measuring)" in lines[0]
     assert "it/s: " in lines[1] and "(measuring)" not in lines[1] and "eta: 0:00:" in lines[1]
+
+
+def test_evaluations_are_taken_out_of_the_rate_and_added_to_the_eta():
+    """1 s/it, with a 30 s evaluation after iteration 9 and 2 more to come: the rate stays
+    1 it/s (not 10 it / 40 s) and the ETA is 10 remaining iterations + 2 x 30 s."""
+    clock = _Clock()
+    p = TrainingProgress(max_iter=20, window=100, clock=clock)
+    for i in range(9):
+        clock.t += 1.0
+        p.mark(i)
+    assert p.eta_seconds() == pytest.approx(11 * 1.0)  # no evaluation timed yet
+    clock.t += 1.0 + 30.0  # iteration 9, then the evaluation hook, before the writer marks it
+    p.add_pause(30.0, pauses_left=2)
+    p.mark(9)
+    assert p.iterations_per_second() == pytest.approx(1.0)
+    assert p.eta_seconds() == pytest.approx(10 * 1.0 + 2 * 30.0)
+
+
+@pytest.mark.parametrize(
+    "max_iter,period,next_iter,left",
+    [
+        (2000, 100, 100, 19),  # 200 .. 1900 and the final one
+        (2000, 100, 1900, 1),  # only the final one
+        (2000, 0, 2001, 0),  # the final evaluation itself (after training)
+        (2000, 100, 2001, 0),
+        (1000, 300, 300, 3),  # 600, 900, final
+    ],
+)
+def test_evaluations_left_follow_detectron2s_schedule(max_iter, period, next_iter, left):
+    from types import SimpleNamespace
+
+    from seg_methods.engine import SegEvalHook
+
+    hook = SegEvalHook(period, lambda: {}, output_dir="unused")
+    hook.trainer = SimpleNamespace(max_iter=max_iter)
+    assert hook.evaluations_left(next_iter) == left
