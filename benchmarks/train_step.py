@@ -16,6 +16,9 @@ Variants (``cfg.SPEED``, see seg_methods/config/speed.py):
 * ``baseline``: every option off (float32, contiguous, eager, PyTorch's default optimizer
   implementation: the for-loop on the CPU);
 * ``bf16``: ``SPEED.BF16_AUTOCAST`` (criteria and matcher stay float32);
+* ``bf16_fpn`` (``--options``/``--official-options``): ``bf16`` plus
+  ``MODEL.MSDEFORM_PIXEL_DECODER.FPN_AUTOCAST`` (the pixel decoder's FPN and mask-feature convs
+  in bf16 too; the deformable encoder stays float32);
 * ``channels_last``: ``SPEED.CHANNELS_LAST``;
 * ``foreach``, ``fused``: ``SPEED.OPTIMIZER_IMPL``;
 * ``compile`` (only with ``--compile``: compiling takes minutes on this machine):
@@ -86,6 +89,8 @@ OPTIONS = {
         "SPEED.BF16_AUTOCAST_MODULES",
         ["backbone", "sem_seg_head.pixel_decoder"],
     ],
+    # bf16 with the pixel decoder's FPN / mask-feature convs in bf16 too (MSDeformAttn decoders)
+    "bf16_fpn": ["SPEED.BF16_AUTOCAST", True, "MODEL.MSDEFORM_PIXEL_DECODER.FPN_AUTOCAST", True],
     "channels_last": ["SPEED.CHANNELS_LAST", True],
     "foreach": ["SPEED.OPTIMIZER_IMPL", "foreach"],
     "fused": ["SPEED.OPTIMIZER_IMPL", "fused"],
