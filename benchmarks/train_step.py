@@ -18,7 +18,8 @@ Variants (``cfg.SPEED``, see seg_methods/config/speed.py):
 * ``bf16``: ``SPEED.BF16_AUTOCAST`` (criteria and matcher stay float32);
 * ``bf16_fpn`` (``--options``/``--official-options``): ``bf16`` plus
   ``MODEL.MSDEFORM_PIXEL_DECODER.FPN_AUTOCAST`` (the pixel decoder's FPN and mask-feature convs
-  in bf16 too; the deformable encoder stays float32);
+  in bf16 too; the deformable encoder stays float32); ``bf16_fpn_ffn``: also the encoder layers'
+  FFNs (``MODEL.MSDEFORM_PIXEL_DECODER.ENCODER_FFN_AUTOCAST``);
 * ``channels_last``: ``SPEED.CHANNELS_LAST``;
 * ``foreach``, ``fused``: ``SPEED.OPTIMIZER_IMPL``;
 * ``compile`` (only with ``--compile``: compiling takes minutes on this machine):
@@ -91,6 +92,15 @@ OPTIONS = {
     ],
     # bf16 with the pixel decoder's FPN / mask-feature convs in bf16 too (MSDeformAttn decoders)
     "bf16_fpn": ["SPEED.BF16_AUTOCAST", True, "MODEL.MSDEFORM_PIXEL_DECODER.FPN_AUTOCAST", True],
+    # ... and the deformable encoder's FFNs in bf16 too (the deformable attention stays float32)
+    "bf16_fpn_ffn": [
+        "SPEED.BF16_AUTOCAST",
+        True,
+        "MODEL.MSDEFORM_PIXEL_DECODER.FPN_AUTOCAST",
+        True,
+        "MODEL.MSDEFORM_PIXEL_DECODER.ENCODER_FFN_AUTOCAST",
+        True,
+    ],
     "channels_last": ["SPEED.CHANNELS_LAST", True],
     "foreach": ["SPEED.OPTIMIZER_IMPL", "foreach"],
     "fused": ["SPEED.OPTIMIZER_IMPL", "fused"],

@@ -247,7 +247,7 @@ def test_position_encoding_without_normalisation_uses_raw_coordinates():
 
 
 # --------------------------------------------------------------------------- pixel decoder
-def _small_pixel_decoder(fpn_autocast=False):
+def _small_pixel_decoder(fpn_autocast=False, encoder_ffn_autocast=False):
     torch.manual_seed(0)
     return Mask2FormerMSDeformAttnPixelDecoder(
         PIXEL_DECODER_SHAPES,
@@ -263,6 +263,7 @@ def _small_pixel_decoder(fpn_autocast=False):
         common_stride=4,
         deform_attn_impl="pytorch",
         fpn_autocast=fpn_autocast,
+        encoder_ffn_autocast=encoder_ffn_autocast,
     ).eval()
 
 
@@ -321,6 +322,40 @@ def test_pixel_decoder_fpn_autocast_runs_only_the_fpn_convs_in_bf16():
     assert all(torch.equal(a, b) for a, b in zip(on[2], ref[2]))
     assert not torch.equal(on[0], ref[0])
     torch.testing.assert_close(on[0], ref[0], rtol=0.05, atol=0.05 * ref[0].abs().max().item())
+
+
+def test_pixel_decoder_encoder_ffn_autocast_runs_only_the_ffns_in_bf16():
+    """MSDEFORM_PIXEL_DECODER.ENCODER_FFN_AUTOCAST: under a bf16 autocast the encoder FFNs' linear
+    layers run in bf16 and the deformable attention in float32; without autocast nothing
+    changes."""
+    official, fast = _small_pixel_decoder(), _small_pixel_decoder(encoder_ffn_autocast=True)
+    fast.load_state_dict(official.state_dict())
+    sizes = {"res2": (13, 19), "res3": (7, 10), "res4": (4, 5), "res5": (2, 3)}
+    torch.manual_seed(1)
+    feats = {k: torch.randn(2, PIXEL_DECODER_SHAPES[k].channels, *hw) for k, hw in sizes.items()}
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = output.dtype
+
+        return hook
+
+    layer = fast.transformer.encoder.layers[0]
+    layer.linear1.register_forward_hook(record("linear1"))
+    layer.self_attn.value_proj.register_forward_hook(record("value_proj"))
+    with torch.no_grad():
+        ref = official.forward_features(feats)
+        plain = fast.forward_features(feats)
+        assert seen == {"linear1": torch.float32, "value_proj": torch.float32}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            on = fast.forward_features(feats)
+    assert torch.equal(plain[0], ref[0]) and all(torch.equal(a, b) for a, b in zip(plain[2], ref[2]))
+    assert seen == {"linear1": torch.bfloat16, "value_proj": torch.float32}
+    assert all(o.dtype == torch.float32 for o in on[2]) and on[0].dtype == torch.float32
+    assert not torch.equal(on[2][0], ref[2][0])  # bf16 rounding of the FFN
+    for a, b in zip(on[2], ref[2]):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
 
 
 # --------------------------------------------------------------------------- whole model

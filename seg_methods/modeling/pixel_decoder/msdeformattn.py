@@ -46,15 +46,28 @@ class MSDeformAttnEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(
-        self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None
+        self,
+        src,
+        pos,
+        reference_points,
+        spatial_shapes,
+        level_start_index,
+        padding_mask=None,
+        ffn_dtype: Optional[torch.dtype] = None,
     ):
-        """(N, S, C) -> (N, S, C); ``pos`` (N, S, C) is added to the queries only."""
+        """(N, S, C) -> (N, S, C); ``pos`` (N, S, C) is added to the queries only.
+
+        ``ffn_dtype`` (e.g. bfloat16): run the FFN's two linear layers under an autocast to this
+        dtype (its output is cast back); None: the layer's own dtype (official)."""
         attn = self.self_attn(
             src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
         src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
+        with contextlib.ExitStack() as stack:
+            if ffn_dtype is not None:
+                stack.enter_context(torch.autocast(src.device.type, dtype=ffn_dtype))
+            ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn.to(src.dtype)))
 
 
 class MSDeformAttnEncoder(nn.Module):
@@ -84,10 +97,10 @@ class MSDeformAttnEncoder(nn.Module):
         num_levels = spatial_shapes.shape[0]
         return ref[None, :, None, :].expand(batch_size, -1, num_levels, -1)
 
-    def forward(self, src, spatial_shapes, level_start_index, pos):
+    def forward(self, src, spatial_shapes, level_start_index, pos, ffn_dtype=None):
         ref = self.reference_points(spatial_shapes, src.shape[0], src.device)
         for layer in self.layers:
-            src = layer(src, pos, ref, spatial_shapes, level_start_index)
+            src = layer(src, pos, ref, spatial_shapes, level_start_index, ffn_dtype=ffn_dtype)
         return src
 
 
@@ -128,11 +141,17 @@ class MSDeformAttnEncoderOnly(nn.Module):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
 
-    def forward(self, srcs: List[torch.Tensor], pos_embeds: List[torch.Tensor]):
+    def forward(
+        self,
+        srcs: List[torch.Tensor],
+        pos_embeds: List[torch.Tensor],
+        ffn_dtype: Optional[torch.dtype] = None,
+    ):
         """
         Args:
             srcs: L tensors (N, C, H_l, W_l).
             pos_embeds: L tensors (N, C, H_l, W_l).
+            ffn_dtype: autocast dtype of the encoder layers' FFNs (None: float32, official).
 
         Returns:
             memory (Tensor): (N, S, C); spatial_shapes (L, 2) int64; level_start_index (L,).
@@ -148,7 +167,9 @@ class MSDeformAttnEncoderOnly(nn.Module):
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
         )
-        memory = self.encoder(src_flat, spatial_shapes, level_start_index, pos_flat)
+        memory = self.encoder(
+            src_flat, spatial_shapes, level_start_index, pos_flat, ffn_dtype=ffn_dtype
+        )
         return memory, spatial_shapes, level_start_index
 
 
@@ -180,6 +201,7 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
         num_extra_levels: int = 0,
         pos_offset: float = 0.0,
         fpn_autocast: bool = False,
+        encoder_ffn_autocast: bool = False,
     ):
         """
         Args:
@@ -208,9 +230,13 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
                 convs and the mask-feature conv in it instead of float32 (the deformable encoder
                 always runs in float32). False is the official behaviour; without autocast both
                 are the same.
+            encoder_ffn_autocast: under an enclosing autocast, run the encoder layers' FFNs
+                (two linear layers) in its dtype; the deformable attention (offsets, weights,
+                sampling, projections) stays float32. False is the official behaviour.
         """
         super().__init__()
         self.fpn_autocast = bool(fpn_autocast)
+        self.encoder_ffn_autocast = bool(encoder_ffn_autocast)
         shapes = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
         self.in_features = [k for k, _ in shapes]  # high -> low resolution
         self.feature_channels = [v.channels for _, v in shapes]
@@ -294,6 +320,7 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
             "num_extra_levels": m.NUM_EXTRA_LEVELS,
             "pos_offset": m.POS_OFFSET,
             "fpn_autocast": m.FPN_AUTOCAST,
+            "encoder_ffn_autocast": m.ENCODER_FFN_AUTOCAST,
         }
 
     def forward_features(self, features: Dict[str, torch.Tensor]):
@@ -308,6 +335,9 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
         # The deformable encoder runs in float32 (sampling is not half-precision safe); the FPN
         # convs too, unless ``fpn_autocast`` (then they follow the enclosing autocast).
         device_type = next(iter(features.values())).device.type
+        ffn_dtype = None
+        if self.encoder_ffn_autocast and torch.is_autocast_enabled(device_type):
+            ffn_dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type=device_type, enabled=False):
             enc_inputs = [features[name].float() for name in self.transformer_in_features[::-1]]
             srcs, pos = project_levels(
@@ -320,7 +350,9 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
                     extra.append(x)
                 srcs = extra[::-1] + srcs
                 pos = [self.pe_layer(x) for x in extra[::-1]] + pos
-            memory, spatial_shapes, level_start_index = self.transformer(srcs, pos)
+            memory, spatial_shapes, level_start_index = self.transformer(
+                srcs, pos, ffn_dtype=ffn_dtype
+            )
             n = memory.shape[0]
             sizes = (spatial_shapes[:, 0] * spatial_shapes[:, 1]).tolist()
             outs = [
