@@ -286,25 +286,30 @@ def test_pixel_decoder_output_strides():
     assert torch.equal(multi_scale[0], coarsest)
 
 
-def test_pixel_decoder_fpn_autocast_runs_only_the_fpn_convs_in_bf16():
-    """MSDEFORM_PIXEL_DECODER.FPN_AUTOCAST: off (official), the whole decoder ignores an enclosing
-    bf16 autocast; on, the encoder stays float32 and only the FPN / mask-feature convs run in
-    bf16; without autocast the two settings are the same function."""
-    official, fast = _small_pixel_decoder(False), _small_pixel_decoder(True)
+def _official_and_fast_pixel_decoders(**fast_options):
+    """(official decoder, same weights with ``fast_options``, odd-sized features, {} for dtypes)."""
+    official, fast = _small_pixel_decoder(), _small_pixel_decoder(**fast_options)
     fast.load_state_dict(official.state_dict())
     sizes = {"res2": (13, 19), "res3": (7, 10), "res4": (4, 5), "res5": (2, 3)}
     torch.manual_seed(1)
     feats = {k: torch.randn(2, PIXEL_DECODER_SHAPES[k].channels, *hw) for k, hw in sizes.items()}
-    seen = {}
+    return official, fast, feats, {}
 
-    def record(name):
-        def hook(module, inputs, output):
-            seen[name] = output.dtype
 
-        return hook
+def _record_dtype(seen, name):
+    def hook(module, inputs, output):
+        seen[name] = output.dtype
 
+    return hook
+
+
+def test_pixel_decoder_fpn_autocast_runs_only_the_fpn_convs_in_bf16():
+    """MSDEFORM_PIXEL_DECODER.FPN_AUTOCAST: off (official), the whole decoder ignores an enclosing
+    bf16 autocast; on, the encoder stays float32 and only the FPN / mask-feature convs run in
+    bf16; without autocast the two settings are the same function."""
+    official, fast, feats, seen = _official_and_fast_pixel_decoders(fpn_autocast=True)
     for name in ("layer_1", "mask_features"):
-        getattr(fast, name).register_forward_hook(record(name))
+        getattr(fast, name).register_forward_hook(_record_dtype(seen, name))
     with torch.no_grad():
         ref = official.forward_features(feats)
         plain = fast.forward_features(feats)
@@ -328,22 +333,10 @@ def test_pixel_decoder_encoder_ffn_autocast_runs_only_the_ffns_in_bf16():
     """MSDEFORM_PIXEL_DECODER.ENCODER_FFN_AUTOCAST: under a bf16 autocast the encoder FFNs' linear
     layers run in bf16 and the deformable attention in float32; without autocast nothing
     changes."""
-    official, fast = _small_pixel_decoder(), _small_pixel_decoder(encoder_ffn_autocast=True)
-    fast.load_state_dict(official.state_dict())
-    sizes = {"res2": (13, 19), "res3": (7, 10), "res4": (4, 5), "res5": (2, 3)}
-    torch.manual_seed(1)
-    feats = {k: torch.randn(2, PIXEL_DECODER_SHAPES[k].channels, *hw) for k, hw in sizes.items()}
-    seen = {}
-
-    def record(name):
-        def hook(module, inputs, output):
-            seen[name] = output.dtype
-
-        return hook
-
+    official, fast, feats, seen = _official_and_fast_pixel_decoders(encoder_ffn_autocast=True)
     layer = fast.transformer.encoder.layers[0]
-    layer.linear1.register_forward_hook(record("linear1"))
-    layer.self_attn.value_proj.register_forward_hook(record("value_proj"))
+    layer.linear1.register_forward_hook(_record_dtype(seen, "linear1"))
+    layer.self_attn.value_proj.register_forward_hook(_record_dtype(seen, "value_proj"))
     with torch.no_grad():
         ref = official.forward_features(feats)
         plain = fast.forward_features(feats)
