@@ -14,7 +14,6 @@ importance sampling of the point loss and with uniform random points
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,10 +22,16 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
 
-import compare_with_official_mask2former as parity  # noqa: E402
-from train_step import OFFICIAL_CONFIG, method_cfg  # noqa: E402
+from common import write_report  # noqa: E402  benchmarks/common.py
+from train_step import (  # noqa: E402
+    OFFICIAL_CONFIG,
+    deform_attn_op_vs_pytorch,
+    method_cfg,
+    parity_tool,
+)
+
+parity = parity_tool()  # tools/compare_with_official_mask2former.py
 
 
 def initial_states(base, official_root):
@@ -51,30 +56,7 @@ def compare(cfg, state, inputs):
 
     model = build_model(cfg)
     model.load_state_dict(state)
-    attn = [m for m in model.modules() if type(m).__name__ == "MSDeformAttn"]
-    runs = {}
-    for impl in ("op", "pytorch"):
-        for m in attn:
-            m.impl = impl
-        runs[impl] = parity.run_train(model, inputs, 0)
-    op, ref = runs["op"], runs["pytorch"]
-    rel = {
-        k: float(
-            (op["losses"][k] - ref["losses"][k]).abs() / ref["losses"][k].abs().clamp(min=1e-12)
-        )
-        for k in sorted(ref["losses"])
-    }
-    flipped = [
-        i
-        for i, (a, b) in enumerate(zip(op["matchings"], ref["matchings"]))
-        if any(not (torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])) for x, y in zip(a, b))
-    ]
-    return {
-        "max_rel_loss_diff": max(rel.values()),
-        "rel_loss_diff": rel,
-        "matcher_calls": len(ref["matchings"]),
-        "matcher_calls_differing": flipped,
-    }
+    return deform_attn_op_vs_pytorch(model, inputs, 0)[0]
 
 
 def main():
@@ -113,10 +95,7 @@ def main():
                 f"another assignment: {r['matcher_calls_differing']} of {r['matcher_calls']}",
                 flush=True,
             )
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

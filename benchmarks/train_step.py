@@ -224,6 +224,57 @@ def measure_method(name, config_file, options, repeats, num_batches):
 OFFICIAL_CONFIG = "configs/coco/panoptic-segmentation/mask2former/mask2former_R50_bs16_50ep.yaml"
 
 
+def deform_attn_op_vs_pytorch(model, inputs, seed):
+    """One fp32 training forward of ``model`` from ``seed`` with the compiled deformable-attention
+    op and with its PyTorch reference (the parity tool's ``run_train``); each ``MSDeformAttn``
+    keeps its own implementation afterwards.
+
+    Returns:
+        (dict, dict): relative loss differences (op vs reference) and the indices of the matcher
+        calls that got another assignment; the two runs ({"op", "pytorch"}).
+    """
+    attn = [m for m in model.modules() if type(m).__name__ == "MSDeformAttn"]
+    impls = {m: m.impl for m in attn}
+    runs = {}
+    try:
+        for impl in ("op", "pytorch"):
+            for m in attn:
+                m.impl = impl
+            runs[impl] = parity_tool().run_train(model, inputs, seed)
+    finally:
+        for m, impl in impls.items():
+            m.impl = impl
+    op, ref = runs["op"], runs["pytorch"]
+    rel = {
+        k: float(
+            (op["losses"][k] - ref["losses"][k]).abs() / ref["losses"][k].abs().clamp(min=1e-12)
+        )
+        for k in sorted(ref["losses"])
+    }
+    flipped = [
+        i
+        for i, (a, b) in enumerate(zip(op["matchings"], ref["matchings"]))
+        if any(not (torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])) for x, y in zip(a, b))
+    ]
+    result = {
+        "max_rel_loss_diff": max(rel.values()),
+        "rel_loss_diff": rel,
+        "matcher_calls": len(ref["matchings"]),
+        "matcher_calls_differing": flipped,
+    }
+    return result, runs
+
+
+def parity_tool():
+    """tools/compare_with_official_mask2former.py, imported as a module."""
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import compare_with_official_mask2former
+
+    return compare_with_official_mask2former
+
+
 def against_official(official_root, repeats, fast_options, size=512, batch=2, seed=0):
     """A training step of the COCO panoptic R50 Mask2Former, ours vs the official code.
 
@@ -240,9 +291,9 @@ def against_official(official_root, repeats, fast_options, size=512, batch=2, se
         dict: step CPU seconds (medians and all), speed-ups, loss differences (``repeats`` 0:
         the loss check only).
     """
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
-    import compare_with_official_mask2former as parity  # tools/compare_with_official_mask2former.py
     import tempfile
+
+    parity = parity_tool()
 
     official = parity.OfficialCode(official_root)
     ours_cfg = method_cfg(OFFICIAL_CONFIG)
@@ -266,33 +317,18 @@ def against_official(official_root, repeats, fast_options, size=512, batch=2, se
         x.pop("height", None), x.pop("width", None)
 
     # fp32 losses of the same weights, points and seed, with our PyTorch deformable attention
-    # (the same operations as the official CPU fallback: the parity tool's exact check)
+    # (the same operations as the official CPU fallback: the parity tool's exact check), and the
+    # same with our compiled op: its outputs differ from the reference by ~1e-6, which can flip a
+    # near-tie of the Hungarian costs; such a flip changes that layer's losses at the 1e-3 level,
+    # so the matchings are compared too
     t0 = time.perf_counter()
     ref = parity.run_train(official_model, inputs, seed)["losses"]
-    attn = [m for m in ours["ours_fp32"].model.modules() if type(m).__name__ == "MSDeformAttn"]
-    impls = {m: m.impl for m in attn}
-    for m in attn:
-        m.impl = "pytorch"
-    mine_run = parity.run_train(ours["ours_fp32"].model, inputs, seed)
-    mine = mine_run["losses"]
-    for m, impl in impls.items():
-        m.impl = impl
-    # the same with our compiled op: its outputs differ from the reference by ~1e-6, which can
-    # flip a near-tie of the Hungarian costs; such a flip changes that layer's losses at the 1e-3
-    # level, so the matchings are compared too
-    op_run = parity.run_train(ours["ours_fp32"].model, inputs, seed)
-    op_rel = {
-        k: float((op_run["losses"][k] - mine[k]).abs() / mine[k].abs().clamp(min=1e-12))
-        for k in sorted(mine)
-    }
-    flipped = [
-        i
-        for i, (a, b) in enumerate(zip(op_run["matchings"], mine_run["matchings"]))
-        if any(not (torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])) for x, y in zip(a, b))
-    ]
+    op_vs_ref, runs = deform_attn_op_vs_pytorch(ours["ours_fp32"].model, inputs, seed)
+    mine = runs["pytorch"]["losses"]
+    op_rel, flipped = op_vs_ref["rel_loss_diff"], op_vs_ref["matcher_calls_differing"]
     print(f"ours, compiled op vs PyTorch deformable attention: max rel loss diff "
-          f"{max(op_rel.values()):.2e}; matcher calls with another assignment: {flipped} "
-          f"of {len(mine_run['matchings'])}")  # fmt: skip
+          f"{op_vs_ref['max_rel_loss_diff']:.2e}; matcher calls with another assignment: "
+          f"{flipped} of {op_vs_ref['matcher_calls']}")  # fmt: skip
     loss_rel = {
         k: float((mine[k] - ref[k]).abs() / ref[k].abs().clamp(min=1e-12)) for k in sorted(ref)
     }
@@ -321,7 +357,7 @@ def against_official(official_root, repeats, fast_options, size=512, batch=2, se
         "fp32_loss_max_rel_diff": max(loss_rel.values()),
         "op_vs_pytorch_loss_rel_diff": op_rel,
         "op_vs_pytorch_matcher_calls_differing": flipped,
-        "matcher_calls": len(mine_run["matchings"]),
+        "matcher_calls": op_vs_ref["matcher_calls"],
     }
     if repeats <= 0:  # the loss check only
         return result
