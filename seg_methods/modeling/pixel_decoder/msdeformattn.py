@@ -63,9 +63,12 @@ class MSDeformAttnEncoderLayer(nn.Module):
             src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
         src = self.norm1(src + self.dropout1(attn))
-        with contextlib.ExitStack() as stack:
-            if ffn_dtype is not None:
-                stack.enter_context(torch.autocast(src.device.type, dtype=ffn_dtype))
+        ffn_precision = (
+            contextlib.nullcontext()
+            if ffn_dtype is None
+            else torch.autocast(src.device.type, dtype=ffn_dtype)
+        )
+        with ffn_precision:
             ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(ffn.to(src.dtype)))
 
@@ -359,9 +362,12 @@ class Mask2FormerMSDeformAttnPixelDecoder(nn.Module):
                 z.transpose(1, 2).reshape(n, -1, int(h), int(w))
                 for z, (h, w) in zip(torch.split(memory, sizes, dim=1), spatial_shapes.tolist())
             ]
-        with contextlib.ExitStack() as stack:
-            if not self.fpn_autocast:
-                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        fpn_precision = (
+            contextlib.nullcontext()
+            if self.fpn_autocast
+            else torch.autocast(device_type=device_type, enabled=False)
+        )
+        with fpn_precision:
             # FPN: add the higher-resolution backbone features not seen by the encoder
             for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
                 feature = features[name] if self.fpn_autocast else features[name].float()
