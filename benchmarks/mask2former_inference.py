@@ -7,9 +7,23 @@ same model runs both ways: every MSDeformAttn module's ``impl`` is switched betw
 "pytorch". Runs are interleaved; medians are reported. Peak memory: see benchmarks/common.py.
 
 Run: .venv/bin/python benchmarks/mask2former_inference.py [--repeats 5] [--size 512]
+
+``--against-official ROOT`` (a facebookresearch/Mask2Former checkout, as for
+tools/compare_with_official_mask2former.py) instead compares whole-model inference with the
+official code on the same random weights (the parity tool's official-format checkpoint): the
+official model (its CPU deformable-attention fallback), ours with the defaults, and ours with the
+eval-only option ``MODEL.MASK2FORMER.EVAL_LEVEL_SIZE_ATTENTION_MASKS`` (``--fast-opts``), all in
+float32, one ``--size`` image whose outputs are asked at that size (semantic + panoptic +
+instance). Before timing, the parity tool's eval comparison runs with those options (its
+tolerances; exit status 1 when it fails). Timing: CPU time of ``--threads`` threads (default 1
+in this mode), interleaved, medians.
 """
 import argparse
 import os
+import statistics
+import sys
+import tempfile
+import time
 
 import torch
 
@@ -42,16 +56,114 @@ def pixel_decoder_fn(model, inputs, impl):
     return fn
 
 
+FAST_OPTS = ["MODEL.MASK2FORMER.EVAL_LEVEL_SIZE_ATTENTION_MASKS", "True"]
+
+
+def parity_tool():
+    """tools/compare_with_official_mask2former.py, imported as a module."""
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import compare_with_official_mask2former
+
+    return compare_with_official_mask2former
+
+
+def against_official(official_root, size, repeats, fast_opts, seed=0):
+    """Whole-model inference, the official Mask2Former vs ours (module docstring).
+
+    Returns:
+        dict: the parity result (pass/fail, largest relative difference, failed rows), CPU
+        seconds per image (medians and all runs) of "official", "ours" and "ours_fast", and the
+        speed-ups over the official model.
+    """
+    parity = parity_tool()
+    # 1. the parity tool's eval comparison, with the fast options (the default ones are
+    #    checked by the tool's own runs and tests)
+    report = parity.compare(
+        official_root,
+        CONFIG,
+        opts=list(fast_opts),
+        impls=("op",),
+        sizes=((size, size),),
+        train=False,
+        seed=seed,
+        log=lambda msg: print(f"  parity: {msg}", flush=True),
+    )
+    print(parity.format_report(report, verbose=False))
+    floats = [r for r in report.rows if r.rel_diff is not None]
+    worst = max(floats, key=lambda r: r.rel_diff)
+    result = {
+        "parity_ok": report.ok,
+        "parity_rows": len(report.rows),
+        "parity_largest_rel_diff": worst.rel_diff,
+        "parity_largest_rel_diff_row": f"{worst.section} {worst.name}",
+        "parity_failed_rows": [f"{r.section} {r.name}: {r.note}" for r in report.failed()],
+        "fast_opts": list(fast_opts),
+    }
+
+    # 2. timing, same weights
+    official = parity.OfficialCode(official_root)
+    ours_cfg = parity.our_cfg(CONFIG, [], "op")
+    torch.manual_seed(seed)
+    models = {"official": official.build_model(parity.official_cfg_from_ours(official, ours_cfg))}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights.pkl")
+        parity.save_official_pkl(parity.random_official_state(models["official"], seed), weights, seed)
+        parity.load_official_weights(models["official"], weights)
+        for name, opts in (("ours", []), ("ours_fast", list(fast_opts))):
+            models[name] = build_model(parity.our_cfg(CONFIG, opts, "op"))
+            parity.load_our_weights(models[name], weights)
+    inputs = parity.make_inputs([(size, size)], ours_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, seed, False)
+    inputs[0]["height"] = inputs[0]["width"] = size  # outputs at the input size
+    cpu = {name: [] for name in models}
+    for r in range(repeats + 1):  # round 0: warm-up
+        for name, model in models.items():
+            model.eval()
+            c0 = time.process_time()
+            with torch.no_grad():
+                model([dict(x) for x in inputs])
+            if r:
+                cpu[name].append(time.process_time() - c0)
+        if r:
+            print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in cpu.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    result.update(
+        {
+            "cpu_s_median": med,
+            "cpu_s": cpu,
+            "speedup_vs_official": {k: med["official"] / m for k, m in med.items()},
+        }
+    )
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--output",
-        default=os.path.join(os.path.dirname(__file__), "results", "mask2former_inference.json"),
-    )
+    parser.add_argument("--threads", type=int, default=None, help="default: 2, or 1 with --against-official")
+    parser.add_argument("--against-official", metavar="ROOT", default=None)
+    parser.add_argument("--fast-opts", nargs="*", default=FAST_OPTS)
+    parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    results = os.path.join(os.path.dirname(__file__), "results")
+    if args.against_official:
+        torch.set_num_threads(args.threads or 1)
+        res = against_official(args.against_official, args.size, args.repeats, args.fast_opts)
+        med, sp = res["cpu_s_median"], res["speedup_vs_official"]
+        table = "| model | CPU s/image | official / model |\n|---|---|---|\n" + "\n".join(
+            f"| {k} | {med[k]:.3f} | {sp[k]:.2f}x |" for k in med
+        )
+        print(table)
+        write_report(
+            args.output or os.path.join(results, "mask2former_inference_official.json"),
+            {"config": CONFIG, "image_size": args.size, "repeats": args.repeats, **res,
+             "markdown": table},
+        )
+        return 0 if res["parity_ok"] else 1
+    args.output = args.output or os.path.join(results, "mask2former_inference.json")
+    args.threads = args.threads or 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = get_cfg()
@@ -111,4 +223,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,6 +26,12 @@ def add_mask2former_config(cfg):
     m.PRE_NORM = False
     m.ENFORCE_INPUT_PROJ = False
     m.MASK_ATTENTION_THRESHOLD = 0.5
+    # Eval only: predict the intermediate masks (which only set the next layer's attention mask)
+    # directly at the size of the level attended next, from mask features resized there, instead
+    # of at 1/4 and resizing the masks (the official code). Both resizes are linear, so the masks
+    # are the same up to float rounding; eval outputs then carry no auxiliary masks. Measured by
+    # benchmarks/mask2former_inference.py.
+    m.EVAL_LEVEL_SIZE_ATTENTION_MASKS = False
     m.SIZE_DIVISIBILITY = 32
     # pixel decoder (Sec. 3.2 / 4.1): its structure is in its own node,
     # cfg.MODEL.MSDEFORM_PIXEL_DECODER (config/msdeform_pixel_decoder.py); its CONVS_DIM and MASK_DIM

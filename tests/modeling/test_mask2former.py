@@ -201,6 +201,64 @@ def test_decoder_number_of_predictions(dec_layers):
         assert p["pred_masks"].shape == (2, 4, 16, 24)  # at the mask-feature resolution
 
 
+def _cross_attention_masks(dec):
+    masks = []
+    for layer in dec.transformer_cross_attention_layers:
+        layer.register_forward_hook(
+            lambda m, a, kw, o: masks.append(kw["memory_mask"]), with_kwargs=True
+        )
+    return masks
+
+
+@pytest.mark.parametrize("dec_layers", [1, 4])
+def test_eval_level_size_attention_masks_equal_the_resized_masks(dec_layers):
+    # EVAL_LEVEL_SIZE_ATTENTION_MASKS predicts the intermediate masks at the attended level's
+    # size from resized mask features: resize and einsum are linear, so every attention mask is
+    # the official one except where a mask logit is within rounding of 0 (none here), and the
+    # outputs are equal to float rounding. The auxiliary masks are then not computed.
+    official, fast = _tiny_decoder(dec_layers=dec_layers), _tiny_decoder(dec_layers=dec_layers)
+    fast.eval_level_size_attention_masks = True
+    m_off, m_fast = _cross_attention_masks(official), _cross_attention_masks(fast)
+    feats, mask_features = _decoder_inputs()
+    with torch.no_grad():
+        out_off, out_fast = official(feats, mask_features), fast(feats, mask_features)
+        # the intermediate masks of the official run, resized to each attended level
+        preds = [a["pred_masks"] for a in out_off["aux_outputs"]]
+        for i, p in enumerate(preds):
+            size = LEVEL_SIZES[i % 3]
+            logits = torch.nn.functional.interpolate(p, size=size, mode="bilinear")
+            assert logits.abs().min() > 1e-4  # no entry within rounding of the threshold
+    assert len(m_fast) == len(m_off) == dec_layers
+    for a, b in zip(m_fast, m_off):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(out_fast["pred_logits"], out_off["pred_logits"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_fast["pred_masks"], out_off["pred_masks"], rtol=1e-5, atol=1e-5)
+    assert out_fast["pred_masks"].shape == (2, 4, 16, 24)
+    assert [set(a) for a in out_fast["aux_outputs"]] == [{"pred_logits"}] * dec_layers
+    for a, b in zip(out_fast["aux_outputs"], out_off["aux_outputs"]):
+        torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_level_size_attention_masks_leave_training_unchanged():
+    official, fast = _tiny_decoder(dec_layers=3).train(), _tiny_decoder(dec_layers=3).train()
+    fast.eval_level_size_attention_masks = True
+    feats, mask_features = _decoder_inputs()
+    out_off, out_fast = official(feats, mask_features), fast(feats, mask_features)
+    for a, b in zip(out_fast["aux_outputs"] + [out_fast], out_off["aux_outputs"] + [out_off]):
+        assert {"pred_logits", "pred_masks"} <= set(a)
+        assert torch.equal(a["pred_masks"], b["pred_masks"])
+
+
+def test_attention_mask_at_the_target_size_is_not_resized():
+    # the resize at scale 1 is the identity (skipped); the result equals the resized path
+    logits = torch.randn(2, 3, 4, 6) * 3
+    got = masked_attention_mask(logits, (4, 6), num_heads=2)
+    m = torch.nn.functional.interpolate(logits, size=(4, 6), mode="bilinear", align_corners=False)
+    want = (m.sigmoid().flatten(2) < 0.5).repeat_interleave(2, dim=0)
+    want = want & ~want.all(-1, keepdim=True)
+    assert torch.equal(got, want)
+
+
 def test_decoder_learnable_query_prediction_uses_shared_norm_and_heads():
     dec = _tiny_decoder(dec_layers=2)
     feats, mask_features = _decoder_inputs()

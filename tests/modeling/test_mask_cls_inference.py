@@ -184,6 +184,77 @@ def test_instance_boxes_from_masks():
     assert res.pred_boxes.tensor.tolist() == [[2.0, 1.0, 4.0, 3.0]]
 
 
+def _gather_then_score(mask_cls, mask_pred, k, thing_ids):
+    """Mask2Former's instance inference as its code reads: gather the float logits of the top-k
+    queries, binarise, score (the formula instance_inference computes per query instead)."""
+    num_classes = mask_cls.shape[-1] - 1
+    scores = F.softmax(mask_cls, dim=-1)[:, :-1]
+    labels = torch.arange(num_classes).unsqueeze(0).repeat(mask_cls.shape[0], 1).flatten(0, 1)
+    scores_per_image, topk = scores.flatten(0, 1).topk(k, sorted=False)
+    labels_per_image = labels[topk]
+    masks = mask_pred[topk // num_classes]
+    keep = torch.tensor([int(x) in thing_ids for x in labels_per_image], dtype=torch.bool)
+    scores_per_image, labels_per_image, masks = scores_per_image[keep], labels_per_image[keep], masks[keep]
+    binary = (masks > 0).float()
+    mask_scores = (masks.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (
+        binary.flatten(1).sum(1) + 1e-6
+    )
+    return binary, scores_per_image * mask_scores, labels_per_image
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 33, 29), (100, 133, 64, 64)])
+def test_instance_inference_equals_gather_then_score_bit_for_bit(shape):
+    # Scores are computed once per query and gathered; a query often appears with several
+    # classes in the top-k, and the thing filter drops some pairs. Equal, not close.
+    q, c, h, w = shape
+    g = torch.Generator().manual_seed(3)
+    mask_cls = torch.randn(q, c + 1, generator=g) * 3
+    mask_pred = torch.randn(q, h, w, generator=g) * 4
+    mask_pred[0] = -1.0  # an empty binary mask: score 0
+    things = set(range(0, c, 2))
+    k = min(q * c, 50)
+    res = instance_inference(mask_cls, mask_pred, test_topk_per_image=k, thing_ids=things)
+    binary, scores, labels = _gather_then_score(mask_cls, mask_pred, k, things)
+    assert torch.equal(res.pred_masks, binary.bool())
+    assert torch.equal(res.scores, scores)
+    assert torch.equal(res.pred_classes, labels)
+    shared = instance_inference(
+        mask_cls, mask_pred, test_topk_per_image=k, thing_ids=things, mask_prob=mask_pred.sigmoid()
+    )
+    assert torch.equal(shared.scores, res.scores)
+
+
+def test_postprocess_equals_detectron2_resize_bit_for_bit():
+    # The bilinear resize is skipped when the crop already has the output size (it is the
+    # identity there); at other sizes detectron2's sem_seg_postprocess runs.
+    from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+    g = torch.Generator().manual_seed(0)
+    cls = torch.randn(2, 6, 4, generator=g)
+    masks = torch.randn(2, 6, 9, 11, generator=g) * 5
+    image_sizes, output_sizes = [(36, 40), (33, 44)], [(36, 40), (50, 61)]
+    for before in (False, True):
+        out = mask_cls_postprocess(
+            cls,
+            masks,
+            padded_size=(36, 44),
+            image_sizes=image_sizes,
+            output_sizes=output_sizes,
+            semantic_on=True,
+            sem_seg_postprocess_before_inference=before,
+        )
+        up = F.interpolate(masks, size=(36, 44), mode="bilinear", align_corners=False)
+        for b in range(2):
+            (hh, ww), size = output_sizes[b], image_sizes[b]
+            if before:
+                m = sem_seg_postprocess(up[b], size, hh, ww)
+                want = semantic_inference(cls[b], m)
+            else:
+                want = sem_seg_postprocess(semantic_inference(cls[b], up[b]), size, hh, ww)
+            assert out[b]["sem_seg"].is_contiguous()
+            assert torch.equal(out[b]["sem_seg"], want), (before, b)
+
+
 def test_postprocess_crops_padding_and_resizes():
     # Decoder masks already at the padded size (4, 4): upsampling is the identity. The image is
     # 2x3 inside the padding and the requested output is also 2x3, so only the crop acts.

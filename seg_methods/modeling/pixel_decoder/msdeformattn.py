@@ -69,7 +69,8 @@ class MSDeformAttnEncoderLayer(nn.Module):
             else torch.autocast(src.device.type, dtype=ffn_dtype)
         )
         with ffn_precision:
-            ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+            # in place on linear1's fresh output (its backward does not need it)
+            ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(ffn.to(src.dtype)))
 
 

@@ -45,9 +45,9 @@ def masked_attention_mask(mask_logits, target_size, num_heads, threshold=0.5):
         blocked are fully unblocked (so that attention is defined).
     """
     with torch.no_grad():
-        m = F.interpolate(
-            mask_logits.detach(), size=target_size, mode="bilinear", align_corners=False
-        )
+        m = mask_logits.detach()
+        if tuple(m.shape[-2:]) != tuple(target_size):  # at scale 1 the resize is the identity
+            m = F.interpolate(m, size=target_size, mode="bilinear", align_corners=False)
         blocked = m.sigmoid().flatten(2) < threshold  # (B, Q, H_l*W_l)
         blocked = blocked & ~blocked.all(-1, keepdim=True)
         return blocked.repeat_interleave(num_heads, dim=0)  # (B*h, Q, H_l*W_l), batch-major
@@ -79,6 +79,7 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
         enforce_input_project: bool,
         num_feature_levels: int = 3,
         mask_threshold: float = 0.5,
+        eval_level_size_attention_masks: bool = False,
     ):
         """
         Args:
@@ -95,6 +96,14 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
             enforce_input_project: always add a 1x1 input projection.
             num_feature_levels: pixel-decoder levels cycled through (3).
             mask_threshold: sigmoid threshold of the attention mask (0.5).
+            eval_level_size_attention_masks: in eval mode, predict the intermediate masks at
+                the size of the level attended next (``einsum`` with the mask features resized
+                there) instead of at the mask-feature size followed by a resize of the masks.
+                Bilinear resizing and the ``einsum`` are both linear, so the attention masks are
+                the same up to float rounding (a flip needs a mask logit within rounding of 0),
+                and the 1/4-resolution products of all but the last prediction are skipped. The
+                eval outputs' ``aux_outputs`` then hold ``pred_logits`` only. Training is
+                unchanged.
         """
         super().__init__()
         if not mask_classification:
@@ -105,6 +114,7 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
         self.num_heads = nheads
         self.num_layers = dec_layers
         self.mask_threshold = mask_threshold
+        self.eval_level_size_attention_masks = bool(eval_level_size_attention_masks)
         self.transformer_self_attention_layers = nn.ModuleList(
             SelfAttentionLayer(hidden_dim, nheads, dropout=0.0, normalize_before=pre_norm)
             for _ in range(dec_layers)
@@ -148,6 +158,7 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
             "mask_dim": mask_dim,
             "enforce_input_project": m.ENFORCE_INPUT_PROJ,
             "mask_threshold": m.MASK_ATTENTION_THRESHOLD,
+            "eval_level_size_attention_masks": m.EVAL_LEVEL_SIZE_ATTENTION_MASKS,
         }
 
     def forward(self, x: List[torch.Tensor], mask_features: torch.Tensor, mask=None) -> Dict:
@@ -170,8 +181,22 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)  # (Q, B, C)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)  # (Q, B, C)
 
+        level_size = self.eval_level_size_attention_masks and not self.training
+        resized = {}  # level size -> mask features resized there (level_size only)
+
+        def heads(output, next_size, last):
+            if not level_size or last:
+                return self.forward_prediction_heads(output, mask_features, next_size)
+            key = tuple(int(v) for v in next_size)
+            if key not in resized:
+                resized[key] = F.interpolate(
+                    mask_features, size=key, mode="bilinear", align_corners=False
+                )
+            cls_, _, attn = self.forward_prediction_heads(output, resized[key], key)
+            return cls_, None, attn  # the level-size masks are not the model's predictions
+
         classes, masks = [], []
-        cls_, mask_, attn_mask = self.forward_prediction_heads(output, mask_features, sizes[0])
+        cls_, mask_, attn_mask = heads(output, sizes[0], self.num_layers == 0)
         classes.append(cls_)
         masks.append(mask_)
         for i in range(self.num_layers):
@@ -183,14 +208,15 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
             output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
             output = self.transformer_ffn_layers[i](output)
             next_size = sizes[(i + 1) % self.num_feature_levels]
-            cls_, mask_, attn_mask = self.forward_prediction_heads(output, mask_features, next_size)
+            cls_, mask_, attn_mask = heads(output, next_size, i == self.num_layers - 1)
             classes.append(cls_)
             masks.append(mask_)
         return {
             "pred_logits": classes[-1],
             "pred_masks": masks[-1],
             "aux_outputs": [
-                {"pred_logits": c, "pred_masks": m} for c, m in zip(classes[:-1], masks[:-1])
+                {"pred_logits": c} if m is None else {"pred_logits": c, "pred_masks": m}
+                for c, m in zip(classes[:-1], masks[:-1])
             ],
         }
 
@@ -208,7 +234,10 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
         dec = self.decoder_norm(output).transpose(0, 1)  # (B, Q, C)
         outputs_class = self.class_embed(dec)
         mask_embed = self.mask_embed(dec)  # (B, Q, mask_dim)
-        outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+        # einsum("bqc,bchw->bqhw"), written as the bmm it runs (same values, no output copy)
+        outputs_mask = torch.bmm(mask_embed, mask_features.flatten(2)).view(
+            *mask_embed.shape[:2], *mask_features.shape[-2:]
+        )
         attn_mask = masked_attention_mask(
             outputs_mask, attn_mask_target_size, self.num_heads, self.mask_threshold
         )
