@@ -52,6 +52,16 @@ def interleaved_medians(fns, repeats):
     return {name: statistics.median(v) for name, v in runs.items()}, runs
 
 
+def parity_tool():
+    """tools/compare_with_official_mask2former.py (the Mask2Former parity tool), as a module."""
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import compare_with_official_mask2former
+
+    return compare_with_official_mask2former
+
+
 def write_report(path, extra):
     """Write ``extra`` plus machine/command information as JSON to ``path``."""
     report = {

@@ -23,12 +23,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import write_report  # noqa: E402  benchmarks/common.py
+from common import parity_tool, write_report  # noqa: E402  benchmarks/common.py
 from train_step import (  # noqa: E402
     OFFICIAL_CONFIG,
     deform_attn_op_vs_pytorch,
     method_cfg,
-    parity_tool,
 )
 
 parity = parity_tool()  # tools/compare_with_official_mask2former.py

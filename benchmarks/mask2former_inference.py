@@ -16,7 +16,7 @@ eval-only option ``MODEL.MASK2FORMER.EVAL_LEVEL_SIZE_ATTENTION_MASKS`` (``--fast
 float32, one ``--size`` image whose outputs are asked at that size (semantic + panoptic +
 instance). Before timing, the parity tool's eval comparison runs with those options (its
 tolerances; exit status 1 when it fails). Timing: CPU time of ``--threads`` threads (default 1
-in this mode), interleaved, medians.
+in this mode) and wall time, interleaved, medians.
 """
 import argparse
 import os
@@ -27,7 +27,12 @@ import time
 
 import torch
 
-from common import interleaved_medians, peak_memory_bytes, write_report  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    interleaved_medians,
+    parity_tool,
+    peak_memory_bytes,
+    write_report,
+)
 
 import seg_methods  # noqa: F401  (registers the model)
 from detectron2.modeling import build_model
@@ -57,16 +62,6 @@ def pixel_decoder_fn(model, inputs, impl):
 
 
 FAST_OPTS = ["MODEL.MASK2FORMER.EVAL_LEVEL_SIZE_ATTENTION_MASKS", "True"]
-
-
-def parity_tool():
-    """tools/compare_with_official_mask2former.py, imported as a module."""
-    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    import compare_with_official_mask2former
-
-    return compare_with_official_mask2former
 
 
 def against_official(official_root, size, repeats, fast_opts, seed=0):
@@ -109,30 +104,41 @@ def against_official(official_root, size, repeats, fast_opts, seed=0):
     models = {"official": official.build_model(parity.official_cfg_from_ours(official, ours_cfg))}
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.pkl")
-        parity.save_official_pkl(parity.random_official_state(models["official"], seed), weights, seed)
+        state = parity.random_official_state(models["official"], seed)
+        parity.save_official_pkl(state, weights, seed)
         parity.load_official_weights(models["official"], weights)
         for name, opts in (("ours", []), ("ours_fast", list(fast_opts))):
             models[name] = build_model(parity.our_cfg(CONFIG, opts, "op"))
             parity.load_our_weights(models[name], weights)
-    inputs = parity.make_inputs([(size, size)], ours_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, seed, False)
+    num_classes = ours_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    inputs = parity.make_inputs([(size, size)], num_classes, seed, with_gt=False)
     inputs[0]["height"] = inputs[0]["width"] = size  # outputs at the input size
     cpu = {name: [] for name in models}
+    wall = {name: [] for name in models}
     for r in range(repeats + 1):  # round 0: warm-up
         for name, model in models.items():
             model.eval()
-            c0 = time.process_time()
+            c0, w0 = time.process_time(), time.perf_counter()
             with torch.no_grad():
                 model([dict(x) for x in inputs])
             if r:
                 cpu[name].append(time.process_time() - c0)
+                wall[name].append(time.perf_counter() - w0)
         if r:
-            print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in cpu.items()), flush=True)
+            times = ", ".join(f"{k} {v[-1]:.2f}s" for k, v in cpu.items())
+            print(f"round {r} (CPU time): {times}", flush=True)
     med = {k: statistics.median(v) for k, v in cpu.items()}
+    wall_med = {k: statistics.median(v) for k, v in wall.items()}
     result.update(
         {
             "cpu_s_median": med,
             "cpu_s": cpu,
             "speedup_vs_official": {k: med["official"] / m for k, m in med.items()},
+            "wall_s_median": wall_med,
+            "wall_s": wall,
+            "speedup_vs_official_wall": {
+                k: wall_med["official"] / m for k, m in wall_med.items()
+            },
         }
     )
     return result
@@ -142,7 +148,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=None, help="default: 2, or 1 with --against-official")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="default: 2; 1 with --against-official"
+    )
     parser.add_argument("--against-official", metavar="ROOT", default=None)
     parser.add_argument("--fast-opts", nargs="*", default=FAST_OPTS)
     parser.add_argument("--output", default=None)
@@ -152,8 +160,12 @@ def main():
         torch.set_num_threads(args.threads or 1)
         res = against_official(args.against_official, args.size, args.repeats, args.fast_opts)
         med, sp = res["cpu_s_median"], res["speedup_vs_official"]
-        table = "| model | CPU s/image | official / model |\n|---|---|---|\n" + "\n".join(
-            f"| {k} | {med[k]:.3f} | {sp[k]:.2f}x |" for k in med
+        wmed, wsp = res["wall_s_median"], res["speedup_vs_official_wall"]
+        table = (
+            "| model | CPU s/image | official / model | wall s/image | official / model |\n"
+            "|---|---|---|---|---|\n"
+        ) + "\n".join(
+            f"| {k} | {med[k]:.3f} | {sp[k]:.2f}x | {wmed[k]:.3f} | {wsp[k]:.2f}x |" for k in med
         )
         print(table)
         write_report(

@@ -56,7 +56,7 @@ import time
 
 import torch
 
-from common import write_report  # benchmarks/common.py
+from common import parity_tool, write_report  # benchmarks/common.py
 
 import seg_methods  # noqa: F401  (registers everything)
 from detectron2.modeling import build_model
@@ -263,16 +263,6 @@ def deform_attn_op_vs_pytorch(model, inputs, seed):
         "matcher_calls_differing": flipped,
     }
     return result, runs
-
-
-def parity_tool():
-    """tools/compare_with_official_mask2former.py, imported as a module."""
-    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    import compare_with_official_mask2former
-
-    return compare_with_official_mask2former
 
 
 def against_official(official_root, repeats, fast_options, size=512, batch=2, seed=0):

@@ -101,7 +101,8 @@ class MSDeformAttn(nn.Module):
         else:
             # offsets are in pixels of each level: normalise by (W_l, H_l). The divisor is
             # expanded to the (M, L, P, 2) trailing block: the same element-wise division, but
-            # vectorised over 2 * M * L * P contiguous entries instead of 2 (3.4x faster at 512 x 512)
+            # vectorised over 2 * M * L * P contiguous entries instead of 2 (3.4x faster on
+            # the R50 512 x 512 encoder's offsets)
             normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets)
             normalizer = normalizer[None, :, None, :].expand(m, lv, p, 2).contiguous()
             locations = torch.add(
