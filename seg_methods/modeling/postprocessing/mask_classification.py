@@ -188,10 +188,9 @@ def instance_inference(
     binary = mask_pred > 0  # (Q, H, W), i.e. sigmoid > 0.5
     prob = mask_pred.sigmoid() if mask_prob is None else mask_prob
     inside = torch.where(binary, prob, prob.new_zeros(())).flatten(1).sum(1)  # (Q,)
-    # pixel counts: a sum of bytes in int32 (summing the bools themselves converts them to
-    # int64 first, 2x slower); float32 holds them exactly below 2**24 pixels, as Mask2Former's
-    # float sum of the 0/1 mask
-    area = binary.flatten(1).view(torch.uint8).sum(1, dtype=torch.int32)  # (Q,)
+    # pixel counts, accumulated in int32 (2x faster than the default int64 sum of bools);
+    # float32 holds them exactly below 2**24 pixels, as Mask2Former's float sum of the 0/1 mask
+    area = binary.flatten(1).sum(1, dtype=torch.int32)  # (Q,)
     mask_scores = inside / (area.to(prob.dtype) + 1e-6)  # (Q,)
 
     result = Instances(image_size)
