@@ -6,11 +6,13 @@ buffers) with the allocator's running total. The peak is the maximum of that tot
 value before the first event, i.e. the peak extra tensor memory of the call on top of what
 existed before it. Allocations outside the tensor allocator are not counted.
 """
+import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -60,6 +62,26 @@ def parity_tool():
     import compare_with_official_mask2former
 
     return compare_with_official_mask2former
+
+
+@contextlib.contextmanager
+def official_with_random_weights(official_root, ours_cfg, seed):
+    """The official Mask2Former built from ``ours_cfg`` (translated by the parity tool), loaded with
+    the parity tool's random official-format weights of ``seed``.
+
+    Yields:
+        (OfficialCode, nn.Module, str): the official code, its model, and the path of the
+        weights ``.pkl`` (for ``parity_tool().load_our_weights``; it exists inside the context).
+    """
+    parity = parity_tool()
+    official = parity.OfficialCode(official_root)
+    torch.manual_seed(seed)
+    model = official.build_model(parity.official_cfg_from_ours(official, ours_cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights.pkl")
+        parity.save_official_pkl(parity.random_official_state(model, seed), weights, seed)
+        parity.load_official_weights(model, weights)
+        yield official, model, weights
 
 
 def write_report(path, extra):

@@ -22,13 +22,13 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
 from common import (  # benchmarks/common.py
     interleaved_medians,
+    official_with_random_weights,
     parity_tool,
     peak_memory_bytes,
     write_report,
@@ -98,15 +98,9 @@ def against_official(official_root, size, repeats, fast_opts, seed=0):
     }
 
     # 2. timing, same weights
-    official = parity.OfficialCode(official_root)
     ours_cfg = parity.our_cfg(CONFIG, [], "op")
-    torch.manual_seed(seed)
-    models = {"official": official.build_model(parity.official_cfg_from_ours(official, ours_cfg))}
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "weights.pkl")
-        state = parity.random_official_state(models["official"], seed)
-        parity.save_official_pkl(state, weights, seed)
-        parity.load_official_weights(models["official"], weights)
+    with official_with_random_weights(official_root, ours_cfg, seed) as (_, official_model, weights):
+        models = {"official": official_model}
         for name, opts in (("ours", []), ("ours_fast", list(fast_opts))):
             models[name] = build_model(parity.our_cfg(CONFIG, opts, "op"))
             parity.load_our_weights(models[name], weights)

@@ -56,7 +56,11 @@ import time
 
 import torch
 
-from common import parity_tool, write_report  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    official_with_random_weights,
+    parity_tool,
+    write_report,
+)
 
 import seg_methods  # noqa: F401  (registers everything)
 from detectron2.modeling import build_model
@@ -281,21 +285,15 @@ def against_official(official_root, repeats, fast_options, size=512, batch=2, se
         dict: step CPU seconds (medians and all), speed-ups, loss differences (``repeats`` 0:
         the loss check only).
     """
-    import tempfile
-
     parity = parity_tool()
-
-    official = parity.OfficialCode(official_root)
     ours_cfg = method_cfg(OFFICIAL_CONFIG)
     ours_cfg.INPUT.MIN_SIZE_TRAIN = (size,)
-    off_cfg = parity.official_cfg_from_ours(official, ours_cfg)
-    torch.manual_seed(seed)
-    official_model = official.build_model(off_cfg).train()
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "weights.pkl")
-        parity.save_official_pkl(parity.random_official_state(official_model, seed), weights, seed)
-        parity.load_official_weights(official_model, weights)
-        steps = {"official": official_model}
+    with official_with_random_weights(official_root, ours_cfg, seed) as (
+        official,
+        official_model,
+        weights,
+    ):
+        official_model.train()
         variants = {"ours_fp32": [], "ours_fast": [x for o in fast_options for x in OPTIONS[o]]}
         ours = {}
         for v, overrides in variants.items():
