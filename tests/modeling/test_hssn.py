@@ -231,6 +231,36 @@ def test_triplet_ramp():
     assert triplet_ramp(80000, 0.5, 80000) == 0.5 == triplet_ramp(10**6, 0.5, 80000)
 
 
+def test_ramped_tree_triplet_resizes_labels_and_weighs_by_the_trainer_iteration():
+    """The "loss_tree_triplet" term both variants use: labels nearest-resized to the embedding,
+    Eq. 7 on them, times the cosine ramp's weight at the EventStorage iteration (full weight
+    outside a trainer)."""
+    from detectron2.utils.events import EventStorage
+
+    from seg_methods.modeling.meta_arch.hssn_common import RampedTreeTriplet
+
+    t = ClassTree(TWO_LEVEL)
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(2, 4, 3, 5, generator=g), dim=1)
+    labels = torch.randint(0, 3, (2, 6, 10), generator=g)
+    labels[0, :2] = VOID
+    kw = dict(margin_eps=0.1, margin_tree_factor=1.0, max_triplets_per_class=7)
+    term = RampedTreeTriplet(
+        t, VOID, weight=0.5, ramp_iters=100, include_anchor_class=True, **kw
+    )
+    small = labels[:, ::2, ::2]  # nearest from 6x10 to 3x5
+    torch.manual_seed(3)
+    plain = tree_triplet_loss(emb, small, t, ignore_value=VOID, include_anchor_class=True, **kw)
+    assert float(plain) > 0
+    for it in (0, 50, 100, 1000):
+        torch.manual_seed(3)
+        with EventStorage(start_iter=it):
+            got = term(emb, labels)
+        assert float(got) == pytest.approx(triplet_ramp(it, 0.5, 100) * float(plain), abs=1e-7)
+    torch.manual_seed(3)
+    assert float(term(emb, labels)) == pytest.approx(0.5 * float(plain))  # no trainer: full
+
+
 # ----------------------------------------------------------------------------- inference
 def test_inference_respects_the_tree():
     t = ClassTree(TWO_LEVEL)
@@ -328,6 +358,8 @@ def test_hssn_model_scores_nodes_and_outputs_leaves(tiny_synthetic):
     with EventStorage(start_iter=5):
         losses = model.train()([{"image": image, "sem_seg": sem}])
     assert set(losses) == {"loss_tree_min", "loss_level_ce", "loss_tree_triplet"}
+    with EventStorage(start_iter=0):  # the triplet ramp starts at weight 0
+        assert float(model([{"image": image, "sem_seg": sem}])["loss_tree_triplet"]) == 0.0
     with torch.no_grad():
         (out,) = model.eval()([{"image": image}])
     assert out["sem_seg"].shape == (8, 64, 64)  # leaves only

@@ -231,6 +231,9 @@ def test_one_switch_builds_the_mask2former_variant(tiny_synthetic):
         "loss_tree_min", "loss_level_ce", "loss_mask", "loss_dice", "loss_tree_triplet"
     }  # fmt: skip
     assert "loss_tree_min_0" in losses  # deep supervision
+    with EventStorage(start_iter=0):  # the triplet ramp starts at weight 0
+        zero = model([{"image": image, "sem_seg": sem, "instances": inst}])["loss_tree_triplet"]
+    assert float(zero) == 0.0
     with torch.no_grad():
         (out,) = model.eval()([{"image": image, "height": 40, "width": 50}])
     assert set(out) == {"sem_seg"} and out["sem_seg"].shape == (8, 40, 50)  # leaves only

@@ -31,29 +31,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
-from detectron2.data import MetadataCatalog
-from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
-from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ...config.hssn import (
-    HSSN_BASES,
-    HSSN_EMBED_DECODER,
-    HSSN_INFERENCE_RULES,
-    HSSN_MASK2FORMER,
-    HSSN_PER_PIXEL,
-)
-from ..criterion.hssn import (
-    ClassTree,
-    leaf_path_logits,
-    per_level_cross_entropy,
-    tree_min_loss,
-    tree_triplet_loss,
-    triplet_ramp,
-)
+from ...config.hssn import HSSN_BASES, HSSN_EMBED_DECODER, HSSN_MASK2FORMER, HSSN_PER_PIXEL
+from ..criterion.hssn import ClassTree, leaf_path_logits, per_level_cross_entropy, tree_min_loss
 from .hssn_common import (
+    RampedTreeTriplet,
+    check_inference_rule,
     class_tree_from_config,
     embedding_settings,
     projection_head,
@@ -127,10 +113,7 @@ class HSSN(PerPixelSemanticModel):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if inference_rule not in HSSN_INFERENCE_RULES:
-            raise ValueError(
-                f"MODEL.HSSN.INFERENCE must be one of {HSSN_INFERENCE_RULES}, got {inference_rule!r}"
-            )
+        check_inference_rule(inference_rule)
         if not getattr(self.sem_seg_head, "decoder_only", False):
             raise ValueError(
                 f"MODEL.SEM_SEG_HEAD.NAME: HSSN needs a head that can be built without its "
@@ -149,16 +132,23 @@ class HSSN(PerPixelSemanticModel):
         nn.init.constant_(self.node_predictor.bias, 0)
         self.embed_in_feature = embed_in_feature
         self.projection: Optional[nn.Module] = None
+        self.tree_triplet: Optional[RampedTreeTriplet] = None
         if triplet_weight > 0:
             # the ports' "convmlp" projection head
             self.projection = projection_head(embed_in_channels, embed_dim, norm)
+            self.tree_triplet = RampedTreeTriplet(
+                tree,
+                self.ignore_value,
+                weight=triplet_weight,
+                ramp_iters=triplet_ramp_iters,
+                margin_eps=margin_eps,
+                margin_tree_factor=margin_tree_factor,
+                include_anchor_class=triplet_include_anchor_class,
+                max_triplets_per_class=max_triplets_per_class,
+            )
         self.focal, self.focal_gamma = focal, focal_gamma
         self.tree_min_weight = tree_min_weight
         self.level_ce_weight = level_ce_weight
-        self.triplet_weight, self.triplet_ramp_iters = triplet_weight, triplet_ramp_iters
-        self.margin_eps, self.margin_tree_factor = margin_eps, margin_tree_factor
-        self.triplet_include_anchor_class = triplet_include_anchor_class
-        self.max_triplets_per_class = max_triplets_per_class
         self.inference_rule = inference_rule
 
     @classmethod
@@ -221,11 +211,6 @@ class HSSN(PerPixelSemanticModel):
         probabilities along the path), not a softmax."""
         return logits.sigmoid()
 
-    def _iteration(self) -> int:
-        """The trainer's iteration (detectron2's ``EventStorage``), for the triplet ramp; outside
-        a trainer (no storage) the ramp is taken as finished."""
-        return trainer_iteration(self.triplet_ramp_iters)
-
     def losses(
         self,
         outputs: Dict[str, torch.Tensor],
@@ -247,21 +232,6 @@ class HSSN(PerPixelSemanticModel):
             losses["loss_level_ce"] = self.level_ce_weight * per_level_cross_entropy(
                 node_logits, targets, self.tree, **kw
             )
-        if self.projection is not None:
-            embedding = outputs["embedding"]
-            small = F.interpolate(
-                targets.unsqueeze(1).float(), size=embedding.shape[-2:], mode="nearest"
-            )
-            triplet = tree_triplet_loss(
-                embedding,
-                small.squeeze(1).long(),
-                self.tree,
-                max_triplets_per_class=self.max_triplets_per_class,
-                margin_eps=self.margin_eps,
-                margin_tree_factor=self.margin_tree_factor,
-                include_anchor_class=self.triplet_include_anchor_class,
-                **kw,
-            )
-            weight = triplet_ramp(self._iteration(), self.triplet_weight, self.triplet_ramp_iters)
-            losses["loss_tree_triplet"] = weight * triplet
+        if self.tree_triplet is not None:
+            losses["loss_tree_triplet"] = self.tree_triplet(outputs["embedding"], targets)
         return losses

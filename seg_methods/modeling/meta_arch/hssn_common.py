@@ -1,23 +1,26 @@
 """Pieces shared by HSSN's two variants (per-pixel :mod:`.hssn` and Mask2Former
 :mod:`.hssn_mask2former`): the class tree read from dataset metadata, the tree-triplet
-projection head, the triplet / inference settings read from ``MODEL.HSSN`` and the trainer
-iteration for the triplet ramp.
+projection head, the triplet / inference settings read from ``MODEL.HSSN``, the ramped
+tree-triplet loss term and the trainer iteration for its ramp.
 
 Shape shorthand: as in :mod:`seg_methods.modeling.criterion.hssn`.
 """
 
 from typing import Dict, Mapping
 
+import torch
 import torch.nn.functional as F
 from detectron2.data import MetadataCatalog
 from detectron2.layers import Conv2d, get_norm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ...config.hssn import HSSN_EMBED_DECODER
-from ..criterion.hssn import ClassTree
+from ...config.hssn import HSSN_EMBED_DECODER, HSSN_INFERENCE_RULES
+from ..criterion.hssn import ClassTree, tree_triplet_loss, triplet_ramp
 
 __all__ = [
+    "RampedTreeTriplet",
+    "check_inference_rule",
     "class_tree_from_config",
     "embedding_settings",
     "projection_head",
@@ -123,3 +126,59 @@ def trainer_iteration(default: int) -> int:
         return get_event_storage().iter
     except AssertionError:  # get_event_storage asserts that a storage is open
         return default
+
+
+def check_inference_rule(rule: str) -> None:
+    """Raises ValueError naming ``MODEL.HSSN.INFERENCE`` when ``rule`` is not a known rule."""
+    if rule not in HSSN_INFERENCE_RULES:
+        raise ValueError(
+            f"MODEL.HSSN.INFERENCE must be one of {HSSN_INFERENCE_RULES}, got {rule!r}"
+        )
+
+
+class RampedTreeTriplet:
+    """The "loss_tree_triplet" term of both variants: :func:`tree_triplet_loss` (Eq. 7) on the
+    L2-normalised embeddings, times the weight of its cosine ramp at the trainer's iteration.
+
+    Args:
+        tree (ClassTree): the class tree.
+        ignore_value (int): void label, excluded from the triplets.
+        weight (float), ramp_iters (int): final weight and ramp length (:func:`triplet_ramp`).
+        margin_eps, margin_tree_factor (float): the margin of Eq. 7.
+        include_anchor_class (bool), max_triplets_per_class (int): see :func:`tree_triplet_loss`.
+    """
+
+    def __init__(
+        self,
+        tree: ClassTree,
+        ignore_value: int,
+        *,
+        weight: float,
+        ramp_iters: int,
+        margin_eps: float,
+        margin_tree_factor: float,
+        include_anchor_class: bool,
+        max_triplets_per_class: int,
+    ):
+        self.tree, self.ignore_value = tree, ignore_value
+        self.weight, self.ramp_iters = weight, ramp_iters
+        self.margin_eps, self.margin_tree_factor = margin_eps, margin_tree_factor
+        self.include_anchor_class = include_anchor_class
+        self.max_triplets_per_class = max_triplets_per_class
+
+    def __call__(self, embedding: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """embedding (B, D, h, w); labels (B, H, W) leaf labels (void = ``ignore_value``),
+        nearest-resized to (h, w). Returns the weighted scalar loss."""
+        small = F.interpolate(labels.unsqueeze(1).float(), size=embedding.shape[-2:], mode="nearest")
+        triplet = tree_triplet_loss(
+            embedding,
+            small.squeeze(1).long(),
+            self.tree,
+            ignore_value=self.ignore_value,
+            max_triplets_per_class=self.max_triplets_per_class,
+            margin_eps=self.margin_eps,
+            margin_tree_factor=self.margin_tree_factor,
+            include_anchor_class=self.include_anchor_class,
+        )
+        step = trainer_iteration(self.ramp_iters)
+        return triplet_ramp(step, self.weight, self.ramp_iters) * triplet

@@ -34,21 +34,20 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import nn
 
-from ...config.hssn import HSSN_EMBED_DECODER, HSSN_INFERENCE_RULES, HSSN_MASK2FORMER
+from ...config.hssn import HSSN_EMBED_DECODER, HSSN_MASK2FORMER
 from ..criterion.hssn import (
     ClassTree,
     build_hssn_set_criterion,
     semantic_labels_from_masks,
     tree_semantic_inference,
-    tree_triplet_loss,
-    triplet_ramp,
 )
 from ..postprocessing import output_sizes_from_inputs
 from .hssn_common import (
+    RampedTreeTriplet,
+    check_inference_rule,
     class_tree_from_config,
     embedding_settings,
     projection_head,
-    trainer_iteration,
 )
 from .mask2former import Mask2Former
 
@@ -96,10 +95,7 @@ class HSSNMask2Former(Mask2Former):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if inference_rule not in HSSN_INFERENCE_RULES:
-            raise ValueError(
-                f"MODEL.HSSN.INFERENCE must be one of {HSSN_INFERENCE_RULES}, got {inference_rule!r}"
-            )
+        check_inference_rule(inference_rule)
         out = self.sem_seg_head.predictor.class_embed.out_features
         if out != tree.num_nodes:
             raise ValueError(
@@ -109,12 +105,19 @@ class HSSNMask2Former(Mask2Former):
         self.ignore_value = ignore_value
         self.embed_in_feature = embed_in_feature
         self.projection = None
+        self.tree_triplet = None
         if triplet_weight > 0:
             self.projection = projection_head(embed_in_channels, embed_dim, norm)
-        self.triplet_weight, self.triplet_ramp_iters = triplet_weight, triplet_ramp_iters
-        self.margin_eps, self.margin_tree_factor = margin_eps, margin_tree_factor
-        self.triplet_include_anchor_class = triplet_include_anchor_class
-        self.max_triplets_per_class = max_triplets_per_class
+            self.tree_triplet = RampedTreeTriplet(
+                tree,
+                ignore_value,
+                weight=triplet_weight,
+                ramp_iters=triplet_ramp_iters,
+                margin_eps=margin_eps,
+                margin_tree_factor=margin_tree_factor,
+                include_anchor_class=triplet_include_anchor_class,
+                max_triplets_per_class=max_triplets_per_class,
+            )
         self.inference_rule = inference_rule
 
     @classmethod
@@ -166,27 +169,11 @@ class HSSNMask2Former(Mask2Former):
     def losses(self, outputs: Dict, targets, batched_inputs: List[Dict], images: ImageList):
         """The HSSN set criterion's weighted losses, plus "loss_tree_triplet" (ramped)."""
         losses = self.criterion.apply_weights(self.criterion(outputs, targets))
-        if self.projection is not None:
-            embedding = outputs["embedding"]
+        if self.tree_triplet is not None:
             labels = semantic_labels_from_masks(
                 targets, images.tensor.shape[-2:], self.ignore_value
             )  # (B, H, W), void and padding = ignore_value
-            small = F.interpolate(
-                labels.unsqueeze(1).float(), size=embedding.shape[-2:], mode="nearest"
-            )
-            triplet = tree_triplet_loss(
-                embedding,
-                small.squeeze(1).long(),
-                self.tree,
-                ignore_value=self.ignore_value,
-                max_triplets_per_class=self.max_triplets_per_class,
-                margin_eps=self.margin_eps,
-                margin_tree_factor=self.margin_tree_factor,
-                include_anchor_class=self.triplet_include_anchor_class,
-            )
-            step = trainer_iteration(self.triplet_ramp_iters)
-            weight = triplet_ramp(step, self.triplet_weight, self.triplet_ramp_iters)
-            losses["loss_tree_triplet"] = weight * triplet
+            losses["loss_tree_triplet"] = self.tree_triplet(outputs["embedding"], labels)
         return losses
 
     def inference(self, outputs: Dict, images: ImageList, batched_inputs: List[Dict]):
