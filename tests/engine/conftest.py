@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import ImageList
 from panopticapi.utils import id2rgb, rgb2id
 from PIL import Image
 from pycocotools import mask as mask_util
 from torch import nn
 
+from oracle_outputs import outputs_from_segments
 from seg_methods.config import get_cfg
 
 H, W = 24, 32
@@ -244,24 +245,9 @@ class EngineTestOracle(nn.Module):
                 {"id": c + 1, "category_id": c, "isthing": c < 2, "iscrowd": 0}
                 for c in labels.unique().tolist()
             ]
-        sem = torch.zeros(self.num_classes, h, w, device=self.device)
-        seg_out = torch.zeros(h, w, dtype=torch.int32)
-        segments_info, masks, classes = [], [], []
-        for new_id, s in enumerate(segs, start=1):
-            m = pan == s["id"]
-            sem[s["category_id"]][m] = 1.0
-            seg_out[m] = new_id
-            segments_info.append(
-                {"id": new_id, "category_id": s["category_id"], "isthing": s["isthing"]}
-            )
-            if s["isthing"]:
-                masks.append(m.float())
-                classes.append(s["category_id"])
-        inst = Instances((h, w))
-        inst.pred_masks = torch.stack(masks) if masks else torch.zeros(0, h, w)
-        inst.pred_classes = torch.tensor(classes, dtype=torch.int64)
-        inst.scores = torch.ones(len(classes))
-        return {"sem_seg": sem, "panoptic_seg": (seg_out, segments_info), "instances": inst}
+        return outputs_from_segments(
+            pan, segs, self.num_classes, decreasing_scores=False, device=self.device
+        )
 
 
 class EngineTestNaN(EngineTestOracle):

@@ -22,13 +22,13 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.structures import Instances
 from detectron2.utils import comm
 from panopticapi.utils import rgb2id
 from PIL import Image
 from torch import nn
 
 from dist_launch import launch_retrying_gloo_aborts
+from oracle_outputs import outputs_from_segments
 from seg_methods.config import get_cfg
 from seg_methods.data.datasets.synthetic import register_synthetic
 from seg_methods.engine import Trainer
@@ -59,32 +59,12 @@ class DistEvalOracle(nn.Module):
         pan = rgb2id(np.asarray(Image.open(x["pan_seg_file_name"]).convert("RGB")))
         pan = torch.from_numpy(pan.astype(np.int64))
         kept = [s for i, s in enumerate(x["segments_info"]) if i % 3 != k % 3]
-        sem = torch.zeros(self.num_classes, h, w)
-        seg_out = torch.zeros(h, w, dtype=torch.int32)
-        segments_info, masks, classes = [], [], []
-        for new_id, s in enumerate(kept, start=1):
-            m = pan == s["id"]
-            sem[s["category_id"]][m] = 1.0
-            seg_out[m] = new_id
-            segments_info.append(
-                {"id": new_id, "category_id": s["category_id"], "isthing": s["isthing"]}
-            )
-            if s["isthing"]:
-                masks.append(m.float())
-                classes.append(s["category_id"])
-        inst = Instances((h, w))
-        inst.pred_masks = torch.stack(masks) if masks else torch.zeros(0, h, w)
-        inst.pred_classes = torch.tensor(classes, dtype=torch.int64)
-        inst.scores = torch.linspace(1.0, 0.5, len(classes))
+        out = outputs_from_segments(pan, kept, self.num_classes, decreasing_scores=True)
         cell = 3 + k
         yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         superpixels = (yy // cell) * (w // cell + 1) + xx // cell
-        return {
-            "sem_seg": sem,
-            "panoptic_seg": (seg_out, segments_info),
-            "instances": inst,
-            "superpixels": superpixels,
-        }
+        out["superpixels"] = superpixels
+        return out
 
 
 if "DistEvalOracle" not in META_ARCH_REGISTRY:
