@@ -119,7 +119,7 @@ from compare_with_official_regproxy import (  # noqa: E402  (shared run-time sta
 
 from seg_methods.config import get_cfg  # noqa: E402
 from seg_methods.utils.checkpoint import SegCheckpointer  # noqa: E402
-from seg_methods.utils.parity import Report, Row  # noqa: E402
+from seg_methods.utils.parity import Report, Row, randomize_state  # noqa: E402
 
 _OFF = "configs/panformer/"
 _OURS = "configs/coco/panoptic-segmentation/panoptic_segformer/"
@@ -267,37 +267,33 @@ def official_config(
 
 
 def randomize_official_state(model: torch.nn.Module, seed: int, mask_bias: float = 0.0) -> None:
-    """Fresh random values for every floating-point tensor of the official state dict.
-
-    Matrices / convolutions N(0, 1 / fan_in); norm weights U(0.5, 1.5); biases and BN running
-    means N(0, 0.1^2) (``sampling_offsets`` biases N(0, 2^2): offsets of a few pixels); running
-    variances U(0.5, 2); embeddings (queries, level embeddings) N(0, 1). Fresh values (not the
-    module's initialisation) because mmcv's ``level_embeds`` is an uninitialised tensor until
-    ``init_weights`` and ``init_weights`` zeroes the sampling-offset weights.
+    """Fresh random values for every floating-point tensor of the official state dict
+    (:func:`~seg_methods.utils.parity.randomize_state` with ``matrices="fresh"``): matrices /
+    convolutions N(0, 1 / fan_in); norm weights U(0.5, 1.5); biases and BN running means
+    N(0, 0.1^2) (``sampling_offsets`` biases N(0, 2^2): offsets of a few pixels; the mask
+    heads' first attention-map biases ``+ mask_bias``); running variances U(0.5, 2); embeddings
+    (queries, level embeddings) N(0, 1). Fresh values (not the module's initialisation) because
+    mmcv's ``level_embeds`` is an uninitialised tensor until ``init_weights`` and
+    ``init_weights`` zeroes the sampling-offset weights.
     """
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in model.state_dict().items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-            continue
-        last = k.split(".")[-1]
-        if k.endswith("running_var"):
-            new = torch.rand(v.shape, generator=g) * 1.5 + 0.5
-        elif "sampling_offsets" in k and last == "bias":
-            new = torch.randn(v.shape, generator=g) * 2.0
-        elif k.endswith("running_mean") or last == "bias":
-            new = torch.randn(v.shape, generator=g) * 0.1
-        elif last == "level_embeds" or k.split(".")[-2] in ("query_embedding", "stuff_query"):
-            new = torch.randn(v.shape, generator=g)
-        elif v.dim() == 1:  # norm weights
-            new = torch.rand(v.shape, generator=g) + 0.5
-        else:
-            new = torch.randn(v.shape, generator=g) / float(np.prod(v.shape[1:])) ** 0.5
-        if mask_bias and re.fullmatch(r".+_mask_head\.attnen\.linear\.0\.bias", k):
-            new = new + mask_bias
-        out[k] = new.to(v.dtype)
-    model.load_state_dict(out, strict=True)
+
+    def rules(key, value, g):
+        last = key.split(".")[-1]
+        if "sampling_offsets" in key and last == "bias":
+            return torch.randn(value.shape, generator=g) * 2.0
+        if mask_bias and re.fullmatch(r".+_mask_head\.attnen\.linear\.0\.bias", key):
+            return torch.randn(value.shape, generator=g) * 0.1 + mask_bias
+        if last == "level_embeds" or key.split(".")[-2] in ("query_embedding", "stuff_query"):
+            return torch.randn(value.shape, generator=g)
+        if last != "bias" and last.endswith("bias"):
+            # nn.MultiheadAttention's in_proj_bias: drawn as a norm weight (1-D) or a matrix,
+            # the draws the README's parity numbers were measured with
+            if value.dim() == 1:
+                return torch.rand(value.shape, generator=g) + 0.5
+            return torch.randn(value.shape, generator=g) / float(np.prod(value.shape[1:])) ** 0.5
+        return None
+
+    randomize_state(model, seed, matrices="fresh", special=rules)
 
 
 # --------------------------------------------------------------------------- our side

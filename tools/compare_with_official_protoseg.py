@@ -60,7 +60,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from seg_methods.config import get_cfg  # noqa: E402
-from seg_methods.utils.parity import Report, Row  # noqa: E402  (shared report rows)
+from seg_methods.utils.parity import Report, Row, randomize_state  # noqa: E402  (shared)
 from seg_methods.modeling.backbone.timm_backbone import set_upsample_mode  # noqa: E402
 from seg_methods.utils.checkpoint import SegCheckpointer  # noqa: E402
 
@@ -175,32 +175,16 @@ def build_official(root: str, num_classes: int, num_prototypes: int):
 
 
 def randomize_official_state(model: torch.nn.Module, seed: int) -> Dict[str, torch.Tensor]:
-    """Random values for every floating-point tensor of the official state dict.
+    """Random values for every floating-point tensor of the official state dict
+    (:func:`~seg_methods.utils.parity.randomize_state`: convolutions keep their PyTorch default
+    initialisation plus 10% noise; BN / LayerNorm weights U(0.5, 1.5), biases and running means
+    N(0, 0.1), running variances U(0.5, 2)); prototypes N(0, 1) (the official forward
+    L2-normalises them)."""
 
-    Convolutions keep their (PyTorch default) initialisation plus 10% noise; BN weights
-    U(0.5, 1.5), biases and running means N(0, 0.1), running variances U(0.5, 2); LayerNorms
-    like BN weights/biases; prototypes N(0, 1) (the official forward L2-normalises them).
-    """
-    g = torch.Generator().manual_seed(seed)
-    state = model.state_dict()
-    out = {}
-    for k, v in state.items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-            continue
-        if k.endswith("running_var"):
-            new = torch.rand(v.shape, generator=g) * 1.5 + 0.5
-        elif k.endswith("running_mean") or k.endswith("bias"):
-            new = torch.randn(v.shape, generator=g) * 0.1
-        elif v.dim() == 1:  # norm weights
-            new = torch.rand(v.shape, generator=g) + 0.5
-        elif k == "prototypes":
-            new = torch.randn(v.shape, generator=g)
-        else:
-            new = v * (1 + 0.1 * torch.randn(v.shape, generator=g))
-        out[k] = new.to(v.dtype)
-    model.load_state_dict(out, strict=True)
-    return out
+    def prototypes(key, value, g):
+        return torch.randn(value.shape, generator=g) if key == "prototypes" else None
+
+    return randomize_state(model, seed, special=prototypes)
 
 
 # --------------------------------------------------------------------------- our side

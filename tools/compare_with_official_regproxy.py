@@ -92,7 +92,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from seg_methods.config import get_cfg  # noqa: E402
-from seg_methods.utils.parity import Report, Row  # noqa: E402  (shared report rows)
+from seg_methods.utils.parity import Report, Row, randomize_state  # noqa: E402  (shared)
 from seg_methods.modeling.test_time import SemSegTestTime  # noqa: E402
 from seg_methods.utils.checkpoint import SegCheckpointer  # noqa: E402
 from seg_methods.modeling.backbone.timm_backbone import parse_timm_extra_args  # noqa: E402
@@ -270,31 +270,18 @@ class OfficialCode:
 
 
 def randomize_official_state(model: torch.nn.Module, seed: int) -> None:
-    """Random values for every floating-point tensor of the official state dict (in place).
+    """Random values for every floating-point tensor of the official state dict (in place;
+    :func:`~seg_methods.utils.parity.randomize_state`): matrices and convolutions PyTorch's
+    default initialisation times (1 + N(0, 0.1^2)); LayerNorm / BN weights U(0.5, 1.5); biases
+    and BN running means N(0, 0.1^2); running variances U(0.5, 2); class / distillation tokens
+    and the position embedding N(0, 0.2^2) (they start at zero)."""
 
-    Matrices and convolutions: PyTorch's default initialisation times (1 + N(0, 0.1^2));
-    LayerNorm / BN weights U(0.5, 1.5); biases and BN running means N(0, 0.1^2); running
-    variances U(0.5, 2); class / distillation tokens and the position embedding N(0, 0.2^2) (they
-    start at zero).
-    """
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in model.state_dict().items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-            continue
-        if k.endswith("running_var"):
-            new = torch.rand(v.shape, generator=g) * 1.5 + 0.5
-        elif k.endswith("running_mean") or k.endswith("bias"):
-            new = torch.randn(v.shape, generator=g) * 0.1
-        elif k.split(".")[-1] in ("cls_token", "dist_token", "pos_embed"):
-            new = torch.randn(v.shape, generator=g) * 0.2
-        elif v.dim() == 1:  # norm weights
-            new = torch.rand(v.shape, generator=g) + 0.5
-        else:
-            new = v * (1 + 0.1 * torch.randn(v.shape, generator=g))
-        out[k] = new.to(v.dtype)
-    model.load_state_dict(out, strict=True)
+    def tokens(key, value, g):
+        if key.split(".")[-1] in ("cls_token", "dist_token", "pos_embed"):
+            return torch.randn(value.shape, generator=g) * 0.2
+        return None
+
+    randomize_state(model, seed, special=tokens)
 
 
 # --------------------------------------------------------------------------- our side
