@@ -35,12 +35,10 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 import torch
-from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 
 from ..data.dataset_mappers.refinement import read_coarse_mask, read_gt_mask
 
-from .rows import gather_rows
+from .rows import RowEvaluator
 
 __all__ = [
     "MASK_THRESHOLD",
@@ -191,7 +189,7 @@ def _pooled_iou(rows: List[Dict], prefix: str) -> float:
     return 1.0 if union == 0 else inter / union
 
 
-class RefinementEvaluator(DatasetEvaluator):
+class RefinementEvaluator(RowEvaluator):
     """IoU and mBA of refined masks, and of the coarse masks they refine (CRM Table 1).
 
     Per image it reads:
@@ -211,14 +209,6 @@ class RefinementEvaluator(DatasetEvaluator):
         distributed (bool): gather the per-image rows of every process on rank 0 (the other
             ranks return ``{}``), so a multi-process evaluation scores the whole test set.
     """
-
-    def __init__(self, dataset_name: str, distributed: bool = True):
-        self.dataset_name = dataset_name
-        self._distributed = distributed
-        self._rows: List[Dict] = []
-
-    def reset(self):
-        self._rows = []
 
     @staticmethod
     def _prediction(out: Dict, file_name: str) -> np.ndarray:
@@ -276,11 +266,8 @@ class RefinementEvaluator(DatasetEvaluator):
             self._rows.append(row)
 
     def evaluate(self):
-        rows = gather_rows(self._rows, self._distributed)
-        if rows is None:  # not the main process
-            return {}
-        if not rows:
-            logger.warning(f"RefinementEvaluator on {self.dataset_name}: no predictions")
+        rows = self._gathered_rows()
+        if rows is None:  # another rank, or no predictions (warned)
             return {}
         res = OrderedDict()
         res["IoU"] = 100.0 * _pooled_iou(rows, "")

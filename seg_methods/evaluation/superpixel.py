@@ -19,20 +19,14 @@ Shape shorthand:
     H, W: image size
 """
 
-import logging
 from collections import OrderedDict
-from typing import Dict, List
 
 import numpy as np
-from detectron2.evaluation import DatasetEvaluator
 
 from ..data.datasets.superpixel import read_regions
-
-from .rows import gather_rows
+from .rows import RowEvaluator
 
 __all__ = ["achievable_segmentation_accuracy", "compactness", "SuperpixelEvaluator"]
-
-logger = logging.getLogger(__name__)
 
 
 def _relabel(x: np.ndarray) -> np.ndarray:
@@ -89,7 +83,7 @@ def compactness(superpixels: np.ndarray) -> float:
     return float((area * quotient).sum() / (h * w))
 
 
-class SuperpixelEvaluator(DatasetEvaluator):
+class SuperpixelEvaluator(RowEvaluator):
     """ASA and CO of the model's "superpixels" output against each record's regions file.
 
     Results: ``{"superpixel": {"ASA": %, "CO": %, "num_superpixels": mean count}}`` averaged over
@@ -101,14 +95,6 @@ class SuperpixelEvaluator(DatasetEvaluator):
             averaging, so that a multi-process evaluation scores the whole test set (the other
             ranks return ``{}``).
     """
-
-    def __init__(self, dataset_name: str, distributed: bool = True):
-        self.dataset_name = dataset_name
-        self._distributed = distributed
-        self._rows: List[Dict] = []
-
-    def reset(self):
-        self._rows = []
 
     def process(self, inputs, outputs):
         for x, out in zip(inputs, outputs):
@@ -131,11 +117,8 @@ class SuperpixelEvaluator(DatasetEvaluator):
             )
 
     def evaluate(self):
-        rows = gather_rows(self._rows, self._distributed)
-        if rows is None:  # not the main process
-            return {}
-        if not rows:
-            logger.warning(f"SuperpixelEvaluator on {self.dataset_name}: no predictions")
+        rows = self._gathered_rows()
+        if rows is None:  # another rank, or no predictions (warned)
             return {}
         res = {
             "ASA": 100.0 * float(np.mean([r["ASA"] for r in rows])),

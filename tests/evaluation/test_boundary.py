@@ -16,7 +16,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from seg_methods.config import get_cfg
-from seg_methods.evaluation import boundary
+from seg_methods.evaluation import rows as row_evaluators
 from seg_methods.evaluation.boundary import (
     RefinementEvaluator,
     binarize,
@@ -253,16 +253,16 @@ def test_distributed_evaluate_gathers_every_rank(monkeypatch):
     single = _run(RefinementEvaluator("fake", distributed=False), inputs, outputs)
     rank1 = RefinementEvaluator("fake", distributed=False)
     rank1.process(inputs[1:], outputs[1:])
-    monkeypatch.setattr(boundary.comm, "synchronize", lambda: None)
-    monkeypatch.setattr(boundary.comm, "gather", lambda rows, dst=0: [rows, rank1._rows])
-    monkeypatch.setattr(boundary.comm, "is_main_process", lambda: True)
+    monkeypatch.setattr(row_evaluators.comm, "synchronize", lambda: None)
+    monkeypatch.setattr(row_evaluators.comm, "gather", lambda rows, dst=0: [rows, rank1._rows])
+    monkeypatch.setattr(row_evaluators.comm, "is_main_process", lambda: True)
     rank0 = RefinementEvaluator("fake", distributed=True)
     gathered = _run(rank0, inputs[:1], outputs[:1])
     assert gathered == pytest.approx(dict(single))
     assert _run(RefinementEvaluator("fake", distributed=False), inputs[:1], outputs[:1])[
         "IoU"
     ] != pytest.approx(single["IoU"])
-    monkeypatch.setattr(boundary.comm, "is_main_process", lambda: False)
+    monkeypatch.setattr(row_evaluators.comm, "is_main_process", lambda: False)
     rank0.reset()
     rank0.process(inputs[:1], outputs[:1])
     assert rank0.evaluate() == {}
