@@ -40,7 +40,7 @@ weights, interleaved; see :func:`against_official`.
 Run (from the repository root):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_step.py [--methods mask2former clustseg]
         [--repeats 3] [--compile] [--against-official]
-Writes benchmarks/results/train_step.json. The default run (9 methods x 6 variants x 4 steps)
+Writes benchmarks/results/train_step.json. The default run (14 methods x 6 variants x 4 steps)
 needs about 10 CPU-minutes; on 2 cores shared with other jobs (load ~14) it took 42 minutes of
 wall time; ``--methods`` picks some. ``--against-official`` adds ~15 steps of the R50 model at
 512x512 (~4 CPU-minutes; 30 minutes of wall time under that load).
@@ -64,6 +64,7 @@ from common import (  # benchmarks/common.py
 
 import seg_methods  # noqa: F401  (registers everything)
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 from seg_methods.config import get_cfg
 from seg_methods.data.build import build_train_loader
 from seg_methods.engine.speed import TrainingAutocast, prepare_model_for_speed
@@ -81,6 +82,17 @@ METHOD_CONFIGS = {
     "protoseg": f"{SYN}/semantic-segmentation/protoseg/protoseg_R18_bs8_1k.yaml",
     "regproxy": f"{SYN}/semantic-segmentation/regproxy/regproxy_vit_t16_bs8_1k.yaml",
     "crm": f"{SYN}/refinement-segmentation/crm/crm_R18_small_bs4_128_1k.yaml",
+    "panoptic_segformer": (
+        f"{SYN}/panoptic-segmentation/panoptic_segformer/panoptic_segformer_R18_bs8_600it.yaml"
+    ),
+    "dense_affinity_panoptic": (
+        f"{SYN}/panoptic-segmentation/dense_affinity_panoptic/dense_affinity_panoptic_R18_bs8_1k.yaml"
+    ),
+    "pisr_panoptic_fpn": f"{SYN}/panoptic-segmentation/pisr/pisr_R18_bs8_1k_panoptic_fpn.yaml",
+    "pisr_panoptic_deeplab": (
+        f"{SYN}/panoptic-segmentation/pisr/pisr_R18_bs8_1k_panoptic_deeplab.yaml"
+    ),
+    "pisr_mask2former": f"{SYN}/panoptic-segmentation/pisr/pisr_R18_bs8_1k_mask2former.yaml",
 }
 
 # option -> config overrides turning it on
@@ -178,7 +190,13 @@ def cpu_and_wall(fn):
 
 
 def measure_method(name, config_file, options, repeats, num_batches):
-    """Interleaved step times of every variant of one method. Returns a dict (JSON-able)."""
+    """Interleaved step times of every variant of one method, inside an ``EventStorage`` as in
+    the trainer (detectron2's RPN logs its statistics there). Returns a dict (JSON-able)."""
+    with EventStorage(0):
+        return _measure_method(config_file, options, repeats, num_batches)
+
+
+def _measure_method(config_file, options, repeats, num_batches):
     base_cfg = method_cfg(config_file)
     loader = iter(build_train_loader(base_cfg))
     data_cpu = []
