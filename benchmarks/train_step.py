@@ -41,8 +41,8 @@ Run (from the repository root):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_step.py [--methods mask2former clustseg]
         [--repeats 3] [--compile] [--against-official]
 Writes benchmarks/results/train_step.json. The default run (14 methods x 6 variants x 4 steps)
-needs about 10 CPU-minutes; on 2 cores shared with other jobs (load ~14) it took 42 minutes of
-wall time; ``--methods`` picks some. ``--against-official`` adds ~15 steps of the R50 model at
+needs about 16 CPU-minutes (the first nine took 10, on 2 cores shared with other jobs at load ~14
+42 minutes of wall time; the last five 6 minutes at load ~2.5); ``--methods`` picks some. ``--against-official`` adds ~15 steps of the R50 model at
 512x512 (~4 CPU-minutes; 30 minutes of wall time under that load).
 """
 
