@@ -66,11 +66,8 @@ class HSSN(PerPixelSemanticModel):
         focal (bool), focal_gamma (float): Eq. 6 (else Eq. 5) and its exponent.
         tree_min_weight (float): weight of "loss_tree_min".
         level_ce_weight (float): weight of "loss_level_ce" (0: off).
-        triplet_weight (float), triplet_ramp_iters (int): final weight of "loss_tree_triplet"
-            and its cosine ramp length (0 weight: no projection, no loss).
-        margin_eps, margin_tree_factor (float): the margin of Eq. 7.
-        triplet_include_anchor_class (bool): see :func:`tree_triplet_loss`.
-        max_triplets_per_class (int): triplets drawn per anchor class.
+        tree_triplet (RampedTreeTriplet or None): "loss_tree_triplet" (Eq. 7 with its cosine
+            ramp) on the projected embeddings; None: no projection, no loss.
         inference_rule (str): "path_min" or "path_sum" (see :func:`leaf_path_logits`).
         **kwargs: :class:`PerPixelSemanticModel` arguments.
 
@@ -103,12 +100,7 @@ class HSSN(PerPixelSemanticModel):
         focal_gamma: float = 2.0,
         tree_min_weight: float = 5.0,
         level_ce_weight: float = 1.0,
-        triplet_weight: float = 0.5,
-        triplet_ramp_iters: int = 80000,
-        margin_eps: float = 0.1,
-        margin_tree_factor: float = 1.0,
-        triplet_include_anchor_class: bool = False,
-        max_triplets_per_class: int = 200,
+        tree_triplet: Optional[RampedTreeTriplet] = None,
         inference_rule: str = "path_min",
         **kwargs,
     ):
@@ -132,20 +124,10 @@ class HSSN(PerPixelSemanticModel):
         nn.init.constant_(self.node_predictor.bias, 0)
         self.embed_in_feature = embed_in_feature
         self.projection: Optional[nn.Module] = None
-        self.tree_triplet: Optional[RampedTreeTriplet] = None
-        if triplet_weight > 0:
+        self.tree_triplet = tree_triplet
+        if tree_triplet is not None:
             # the ports' "convmlp" projection head
             self.projection = projection_head(embed_in_channels, embed_dim, norm)
-            self.tree_triplet = RampedTreeTriplet(
-                tree,
-                self.ignore_value,
-                weight=triplet_weight,
-                ramp_iters=triplet_ramp_iters,
-                margin_eps=margin_eps,
-                margin_tree_factor=margin_tree_factor,
-                include_anchor_class=triplet_include_anchor_class,
-                max_triplets_per_class=max_triplets_per_class,
-            )
         self.focal, self.focal_gamma = focal, focal_gamma
         self.tree_min_weight = tree_min_weight
         self.level_ce_weight = level_ce_weight
@@ -177,7 +159,9 @@ class HSSN(PerPixelSemanticModel):
             focal_gamma=h.FOCAL_GAMMA,
             tree_min_weight=h.TREE_MIN_WEIGHT,
             level_ce_weight=h.LEVEL_CE_WEIGHT,
-            **embedding_settings(cfg, args["backbone"].output_shape(), decoder_channels),
+            **embedding_settings(
+                cfg, args["backbone"].output_shape(), decoder_channels, tree, args["ignore_value"]
+            ),
         )
         return args
 

@@ -58,7 +58,12 @@ def class_tree_from_config(cfg) -> ClassTree:
 
 
 def embedding_settings(
-    cfg, backbone_shapes: Mapping, decoder_channels: int, decoder_name: str = ""
+    cfg,
+    backbone_shapes: Mapping,
+    decoder_channels: int,
+    tree: ClassTree,
+    ignore_value: int,
+    decoder_name: str = "",
 ) -> Dict:
     """The tree-triplet and inference arguments both variants read from ``MODEL.HSSN``.
 
@@ -67,12 +72,13 @@ def embedding_settings(
         backbone_shapes (Mapping[str, ShapeSpec]): the backbone's outputs, for
             ``EMBED_IN_FEATURE`` naming one of them.
         decoder_channels (int): channels of the decoder feature (``EMBED_IN_FEATURE`` "decoder").
+        tree (ClassTree), ignore_value (int): the class tree and the void label of the triplets.
         decoder_name (str): how the error message calls that feature.
 
     Returns:
-        dict: embed_in_feature, embed_in_channels, embed_dim, norm, triplet_weight,
-        triplet_ramp_iters, margin_eps, margin_tree_factor, triplet_include_anchor_class,
-        max_triplets_per_class, inference_rule.
+        dict: embed_in_feature, embed_in_channels, embed_dim, norm, tree_triplet (a
+        :class:`RampedTreeTriplet`, or None when ``TRIPLET_WEIGHT`` is 0: no projection, no
+        loss), inference_rule.
 
     Raises:
         ValueError: ``EMBED_IN_FEATURE`` is neither "decoder" nor a backbone output.
@@ -88,17 +94,24 @@ def embedding_settings(
                 f"{sorted(backbone_shapes)}"
             )
         embed_in_channels = backbone_shapes[h.EMBED_IN_FEATURE].channels
+    tree_triplet = None
+    if h.TRIPLET_WEIGHT > 0:
+        tree_triplet = RampedTreeTriplet(
+            tree,
+            ignore_value,
+            weight=h.TRIPLET_WEIGHT,
+            ramp_iters=h.TRIPLET_RAMP_ITERS,
+            margin_eps=h.MARGIN_EPS,
+            margin_tree_factor=h.MARGIN_TREE_FACTOR,
+            include_anchor_class=h.TRIPLET_INCLUDE_ANCHOR_CLASS,
+            max_triplets_per_class=h.MAX_TRIPLETS_PER_CLASS,
+        )
     return dict(
         embed_in_feature=h.EMBED_IN_FEATURE,
         embed_in_channels=embed_in_channels,
         embed_dim=h.EMBED_DIM,
         norm=cfg.MODEL.SEM_SEG_HEAD.NORM,
-        triplet_weight=h.TRIPLET_WEIGHT,
-        triplet_ramp_iters=h.TRIPLET_RAMP_ITERS,
-        margin_eps=h.MARGIN_EPS,
-        margin_tree_factor=h.MARGIN_TREE_FACTOR,
-        triplet_include_anchor_class=h.TRIPLET_INCLUDE_ANCHOR_CLASS,
-        max_triplets_per_class=h.MAX_TRIPLETS_PER_CLASS,
+        tree_triplet=tree_triplet,
         inference_rule=h.INFERENCE,
     )
 

@@ -26,7 +26,7 @@ Shape shorthand:
     B: batch, Q: queries, N: tree nodes, C: leaves, H, W: padded input size, h, w: mask size.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -65,11 +65,8 @@ class HSSNMask2Former(Mask2Former):
         embed_in_channels (int): its channels.
         embed_dim (int): embedding size.
         norm (str): norm of the projection.
-        triplet_weight (float), triplet_ramp_iters (int): final weight of "loss_tree_triplet" and
-            its cosine ramp (0 weight: no projection, no loss).
-        margin_eps, margin_tree_factor (float): the margin of Eq. 7.
-        triplet_include_anchor_class (bool), max_triplets_per_class (int): see
-            :func:`tree_triplet_loss`.
+        tree_triplet (RampedTreeTriplet or None): "loss_tree_triplet" (Eq. 7 with its cosine
+            ramp) on the projected embeddings; None: no projection, no loss.
         inference_rule (str): "path_min" or "path_sum".
         **kwargs: :class:`Mask2Former` arguments; ``sem_seg_head.predictor.class_embed`` must
             output ``tree.num_nodes`` logits.
@@ -85,12 +82,7 @@ class HSSNMask2Former(Mask2Former):
         embed_in_channels: int = 0,
         embed_dim: int = 256,
         norm: str = "GN",
-        triplet_weight: float = 0.5,
-        triplet_ramp_iters: int = 80000,
-        margin_eps: float = 0.1,
-        margin_tree_factor: float = 1.0,
-        triplet_include_anchor_class: bool = False,
-        max_triplets_per_class: int = 200,
+        tree_triplet: Optional[RampedTreeTriplet] = None,
         inference_rule: str = "path_min",
         **kwargs,
     ):
@@ -105,19 +97,9 @@ class HSSNMask2Former(Mask2Former):
         self.ignore_value = ignore_value
         self.embed_in_feature = embed_in_feature
         self.projection = None
-        self.tree_triplet = None
-        if triplet_weight > 0:
+        self.tree_triplet = tree_triplet
+        if tree_triplet is not None:
             self.projection = projection_head(embed_in_channels, embed_dim, norm)
-            self.tree_triplet = RampedTreeTriplet(
-                tree,
-                ignore_value,
-                weight=triplet_weight,
-                ramp_iters=triplet_ramp_iters,
-                margin_eps=margin_eps,
-                margin_tree_factor=margin_tree_factor,
-                include_anchor_class=triplet_include_anchor_class,
-                max_triplets_per_class=max_triplets_per_class,
-            )
         self.inference_rule = inference_rule
 
     @classmethod
@@ -145,6 +127,8 @@ class HSSNMask2Former(Mask2Former):
                 cfg,
                 args["backbone"].output_shape(),
                 args["sem_seg_head"].pixel_decoder.mask_dim,
+                tree,
+                cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
                 " (the pixel decoder's mask features)",
             ),
         )
