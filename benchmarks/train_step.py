@@ -41,9 +41,10 @@ Run (from the repository root):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_step.py [--methods mask2former clustseg]
         [--repeats 3] [--compile] [--against-official]
 Writes benchmarks/results/train_step.json. The default run (14 methods x 6 variants x 4 steps)
-needs about 16 CPU-minutes (the first nine took 10, on 2 cores shared with other jobs at load ~14
-42 minutes of wall time; the last five 6 minutes at load ~2.5); ``--methods`` picks some. ``--against-official`` adds ~15 steps of the R50 model at
-512x512 (~4 CPU-minutes; 30 minutes of wall time under that load).
+needs about 16 CPU-minutes: the first nine configs took 10 (42 minutes of wall time on 2 cores
+shared with other jobs at load ~14), the last five 6 (at load ~2.5). ``--methods`` picks some.
+``--against-official`` adds ~15 steps of the R50 model at 512x512 (~4 CPU-minutes; 30 minutes of
+wall time at load ~14).
 """
 
 import argparse
@@ -85,9 +86,8 @@ METHOD_CONFIGS = {
     "panoptic_segformer": (
         f"{SYN}/panoptic-segmentation/panoptic_segformer/panoptic_segformer_R18_bs8_600it.yaml"
     ),
-    "dense_affinity_panoptic": (
-        f"{SYN}/panoptic-segmentation/dense_affinity_panoptic/dense_affinity_panoptic_R18_bs8_1k.yaml"
-    ),
+    "dense_affinity_panoptic": f"{SYN}/panoptic-segmentation/dense_affinity_panoptic/"
+    "dense_affinity_panoptic_R18_bs8_1k.yaml",
     "pisr_panoptic_fpn": f"{SYN}/panoptic-segmentation/pisr/pisr_R18_bs8_1k_panoptic_fpn.yaml",
     "pisr_panoptic_deeplab": (
         f"{SYN}/panoptic-segmentation/pisr/pisr_R18_bs8_1k_panoptic_deeplab.yaml"

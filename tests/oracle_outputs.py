@@ -38,7 +38,8 @@ def outputs_from_segments(
         m = pan == s["id"]
         sem[s["category_id"]][m] = 1.0
         seg_out[m] = new_id
-        segments_info.append({"id": new_id, "category_id": s["category_id"], "isthing": s["isthing"]})
+        info = {"id": new_id, "category_id": s["category_id"], "isthing": s["isthing"]}
+        segments_info.append(info)
         if s["isthing"]:
             masks.append(m.float())
             classes.append(s["category_id"])

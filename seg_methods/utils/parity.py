@@ -1,5 +1,6 @@
-"""Reports of the numerical comparisons with official implementations (``tools/compare_with_official_*``),
-and the random weights those comparisons load into the official models.
+"""Reports of the numerical comparisons with official implementations
+(``tools/compare_with_official_*``), and the random weights those comparisons load into the
+official models.
 
 A :class:`Report` holds one :class:`Row` per compared quantity: the largest absolute difference
 between ours and the official output, the largest absolute official value (the scale the

@@ -1,4 +1,5 @@
-"""seg_methods.utils.parity: the report of the official-code comparison tools and the random weights they load."""
+"""seg_methods.utils.parity: the report of the official-code comparison tools, and the random
+weights they load."""
 
 import pytest
 

@@ -43,12 +43,11 @@ from .hssn_common import (
     class_tree_from_config,
     embedding_settings,
     projection_head,
-    trainer_iteration,
 )
 from .hssn_mask2former import HSSNMask2Former
 from .per_pixel import PerPixelSemanticModel
 
-__all__ = ["HSSN", "class_tree_from_config", "projection_head", "trainer_iteration"]
+__all__ = ["HSSN", "class_tree_from_config", "projection_head"]
 
 
 @META_ARCH_REGISTRY.register()

@@ -182,7 +182,9 @@ class RampedTreeTriplet:
     def __call__(self, embedding: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """embedding (B, D, h, w); labels (B, H, W) leaf labels (void = ``ignore_value``),
         nearest-resized to (h, w). Returns the weighted scalar loss."""
-        small = F.interpolate(labels.unsqueeze(1).float(), size=embedding.shape[-2:], mode="nearest")
+        small = F.interpolate(
+            labels.unsqueeze(1).float(), size=embedding.shape[-2:], mode="nearest"
+        )
         triplet = tree_triplet_loss(
             embedding,
             small.squeeze(1).long(),
