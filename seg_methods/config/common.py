@@ -64,6 +64,9 @@ def add_common_config(cfg):
     # Superpixel maps (evaluator_type "superpixel"). None = derived from the model (ClustSeg:
     # MODEL.CLUSTSEG.TASK == "superpixel"); see seg_methods.config.clustseg.superpixel_on.
     cfg.TEST.SUPERPIXEL_ON = None
+    # Box AP ("bbox") next to mask AP in the COCO instance evaluation; for models that predict
+    # boxes (detectors: Unifying T&I reports it in Table 1). See seg_methods.evaluation.build.
+    cfg.TEST.BOX_AP = False
     # Number of validation images whose predictions are drawn to OUTPUT_DIR/vis after eval.
     cfg.TEST.NUM_VIS_IMAGES = 0
 

@@ -22,6 +22,10 @@ refinement                     RefinementEvaluator (semantic): IoU and mBA of th
                                masks and of their coarse inputs (CRM, BIG)
 =============================  ==========================================================
 
+``TEST.BOX_AP`` adds box AP ("bbox") to ``InstanceSegEvaluator`` (detectors only: Table 1 of
+Unifying Training and Inference reports it); it is refused when no ``InstanceSegEvaluator`` is
+selected.
+
 A dataset whose metadata has ``class_hierarchy`` also gets ``HierarchicalSemSegEvaluator``
 (mIoU^1..mIoU^L, one per tree level) whenever a semantic evaluator is selected.
 
@@ -62,14 +66,14 @@ def _sem_seg(dataset_name: str, output_folder: str):
         ) from e
 
 
-def _instance(dataset_name: str, output_folder: str):
+def _instance(dataset_name: str, output_folder: str, box_ap: bool = False):
     meta = MetadataCatalog.get(dataset_name)
     if not meta.get("json_file", None):
         raise KeyError(
             f"instance AP on '{dataset_name}' needs the COCO instance json in its metadata "
             "('json_file'). Set TEST.INSTANCE_ON=False or add the json."
         )
-    return InstanceSegEvaluator(dataset_name, output_dir=output_folder)
+    return InstanceSegEvaluator(dataset_name, output_dir=output_folder, box_ap=box_ap)
 
 
 def _panoptic(dataset_name: str, output_folder: str):
@@ -156,11 +160,21 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
             f"{sorted(EVALUATORS)}."
         )
     outputs = model_output_flags(cfg)
+    box_ap = bool(cfg.TEST.get("BOX_AP", False))
     evaluators = [
-        factory(dataset_name, output_folder)
+        factory(dataset_name, output_folder, box_ap=True)
+        if box_ap and factory is _instance
+        else factory(dataset_name, output_folder)
         for flag, factory in EVALUATORS[evaluator_type]
         if outputs[flag]
     ]
+    if box_ap and not any(isinstance(e, InstanceSegEvaluator) for e in evaluators):
+        raise ValueError(
+            f"TEST.BOX_AP=True, but no COCO instance evaluator is built for '{dataset_name}' "
+            f"(evaluator_type={evaluator_type}, TEST.INSTANCE_ON={outputs[INSTANCE]}): box AP "
+            "is evaluated by InstanceSegEvaluator only. Set TEST.BOX_AP=False or "
+            "TEST.INSTANCE_ON=True."
+        )
     if not evaluators:
         flags = ", ".join(f"TEST.{f}={on}" for f, on in outputs.items())
         supported = sorted({f for f, _ in EVALUATORS[evaluator_type]})

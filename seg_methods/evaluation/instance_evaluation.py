@@ -1,4 +1,4 @@
-"""COCO mask AP for mask-classification models, with the official (pure-Python) COCO API.
+"""COCO mask AP (and, on request, box AP) with the official (pure-Python) COCO API.
 
 detectron2's ``COCOEvaluator`` assumes that the thing classes occupy the contiguous ids
 ``0..T-1``. Panoptic datasets (ADE20K, Mapillary Vistas, ...) use one id space for things and
@@ -45,12 +45,19 @@ class _ThingRankMetadata:
 class InstanceSegEvaluator(COCOEvaluator):
     """``COCOEvaluator`` for mask AP ("segm") that accepts sparse thing ids.
 
+    With ``box_ap=True`` (``TEST.BOX_AP``) it also reports box AP ("bbox") from the predicted
+    ``pred_boxes``, as Table 1 of Unifying Training and Inference does. That needs a model that
+    predicts boxes (a detector); mask-classification models carry placeholder boxes, so their
+    box AP would be meaningless: predictions without ``pred_boxes`` are refused, and all-zero
+    boxes are warned about.
+
     Args:
         dataset_name (str): a registered dataset whose metadata has ``json_file`` (COCO instance
             json) and ``thing_dataset_id_to_contiguous_id``.
         output_dir (str or None): where predictions are written.
         distributed (bool): gather predictions from all ranks.
         max_dets_per_image (int or None): COCO's maxDets (default 100).
+        box_ap (bool): also evaluate "bbox".
     """
 
     def __init__(
@@ -60,10 +67,13 @@ class InstanceSegEvaluator(COCOEvaluator):
         *,
         distributed: bool = True,
         max_dets_per_image: Optional[int] = None,
+        box_ap: bool = False,
     ):
+        self._box_ap = bool(box_ap)
+        self._warned_zero_boxes = False
         super().__init__(
             dataset_name,
-            tasks=("segm",),
+            tasks=("segm", "bbox") if box_ap else ("segm",),
             distributed=distributed,
             output_dir=output_dir,
             max_dets_per_image=max_dets_per_image,
@@ -94,10 +104,25 @@ class InstanceSegEvaluator(COCOEvaluator):
         inst.pred_classes = torch.tensor(
             [self._rank_of[int(c)] for c in inst.pred_classes.tolist()], dtype=torch.int64
         )
-        if not inst.has("pred_boxes"):
+        if self._box_ap:
+            self._check_boxes(inst)
+        elif not inst.has("pred_boxes"):
             # COCO json conversion reads boxes; "segm" AP does not use them.
             inst.pred_boxes = Boxes(torch.zeros(len(inst), 4))
         return dict(output, instances=inst)
+
+    def _check_boxes(self, inst: Instances) -> None:
+        if not inst.has("pred_boxes"):
+            raise ValueError(
+                "TEST.BOX_AP=True: the model's instance output has no 'pred_boxes'. Box AP needs "
+                "a model that predicts boxes; set TEST.BOX_AP=False."
+            )
+        if len(inst) and not self._warned_zero_boxes and not inst.pred_boxes.area().any():
+            self._warned_zero_boxes = True
+            logger.warning(
+                "TEST.BOX_AP=True but every predicted box of an image has zero area (placeholder "
+                "boxes of a mask-classification model?): its box AP is not meaningful."
+            )
 
     def process(self, inputs, outputs):
         super().process(inputs, [self._to_thing_ranks(o) for o in outputs])

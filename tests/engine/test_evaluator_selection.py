@@ -13,7 +13,7 @@ from detectron2.evaluation import (
     COCOPanopticEvaluator,
     SemSegEvaluator,
 )
-from detectron2.structures import Instances
+from detectron2.structures import Boxes, Instances
 from panopticapi.utils import rgb2id
 from PIL import Image
 
@@ -148,6 +148,69 @@ def test_instance_evaluator_handles_sparse_thing_ids(tiny_dataset, register_tiny
     res = ev.evaluate()["segm"]
     assert res["AP"] == pytest.approx(100.0)
     assert res["AP-disc"] == pytest.approx(100.0) and res["AP-square"] == pytest.approx(100.0)
+
+
+def test_box_ap_option_selects_bbox_and_refuses_without_instance_evaluator(register, tmp_path):
+    name = register("coco_panoptic_seg")
+    cfg = _cfg(tmp_path)
+    cfg.TEST.BOX_AP = True
+    built = build_evaluator(cfg, name)._evaluators
+    inst = [e for e in built if isinstance(e, InstanceSegEvaluator)]
+    assert len(inst) == 1 and inst[0]._tasks == ("segm", "bbox")
+    cfg.TEST.INSTANCE_ON = False
+    with pytest.raises(ValueError, match="TEST.BOX_AP=True.*TEST.INSTANCE_ON=False"):
+        build_evaluator(cfg, name)
+    city = register("cityscapes_panoptic_seg")  # Cityscapes' instance evaluator has no box AP
+    cfg.TEST.INSTANCE_ON = True
+    with pytest.raises(ValueError, match="evaluator_type=cityscapes_panoptic_seg"):
+        build_evaluator(cfg, city)
+
+
+def _box_of(mask):
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def test_box_ap_of_exact_shifted_and_missing_boxes(
+    tiny_dataset, register_tiny_fn, tmp_path, caplog
+):
+    """Exact boxes give box AP 100; boxes shifted by their own size (IoU 0) give 0 while mask AP
+    stays 100; an instance output without boxes is refused, naming TEST.BOX_AP; placeholder
+    (all-zero) boxes are warned about."""
+    records, files = tiny_dataset["val"]
+    name = "_engine_tiny_val_box_ap"
+    register_tiny_fn(name, records, files, evaluator_type="coco")
+    ident = {0: 0, 1: 1, 2: 2}
+
+    def run(shift):
+        ev = InstanceSegEvaluator(name, output_dir=str(tmp_path), distributed=False, box_ap=True)
+        ev.reset()
+        for r in records:
+            inst = _perfect_instances(r, ident)
+            boxes = torch.tensor([_box_of(m > 0) for m in inst.pred_masks], dtype=torch.float32)
+            boxes = boxes.reshape(-1, 4)
+            if shift:
+                boxes = boxes + torch.cat([boxes[:, 2:] - boxes[:, :2]] * 2, dim=1)
+            inst.pred_boxes = Boxes(boxes)
+            ev.process([r], [{"instances": inst}])
+        return ev.evaluate()
+
+    exact = run(False)
+    assert exact["bbox"]["AP"] == pytest.approx(100.0)
+    assert exact["segm"]["AP"] == pytest.approx(100.0)
+    shifted = run(True)
+    assert shifted["bbox"]["AP"] == pytest.approx(0.0)
+    assert shifted["segm"]["AP"] == pytest.approx(100.0)
+    ev = InstanceSegEvaluator(name, output_dir=str(tmp_path), distributed=False, box_ap=True)
+    ev.reset()
+    with pytest.raises(ValueError, match="TEST.BOX_AP"):
+        ev.process([records[0]], [{"instances": _perfect_instances(records[0], ident)}])
+    r = next(r for r in records if any(s["isthing"] for s in r["segments_info"]))
+    inst = _perfect_instances(r, ident)
+    inst.pred_boxes = Boxes(torch.zeros(len(inst), 4))
+    with caplog.at_level("WARNING", logger="seg_methods.evaluation.instance_evaluation"):
+        ev.process([r], [{"instances": inst}])
+    assert "zero area" in caplog.text
 
 
 def test_flatten_metrics_single_and_multi_dataset(tmp_path):
