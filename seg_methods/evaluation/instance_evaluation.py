@@ -69,7 +69,6 @@ class InstanceSegEvaluator(COCOEvaluator):
         max_dets_per_image: Optional[int] = None,
         box_ap: bool = False,
     ):
-        self._box_ap = bool(box_ap)
         self._warned_zero_boxes = False
         super().__init__(
             dataset_name,
@@ -104,7 +103,7 @@ class InstanceSegEvaluator(COCOEvaluator):
         inst.pred_classes = torch.tensor(
             [self._rank_of[int(c)] for c in inst.pred_classes.tolist()], dtype=torch.int64
         )
-        if self._box_ap:
+        if "bbox" in self._tasks:
             self._check_boxes(inst)
         elif not inst.has("pred_boxes"):
             # COCO json conversion reads boxes; "segm" AP does not use them.

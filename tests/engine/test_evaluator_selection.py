@@ -13,7 +13,7 @@ from detectron2.evaluation import (
     COCOPanopticEvaluator,
     SemSegEvaluator,
 )
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances
 from panopticapi.utils import rgb2id
 from PIL import Image
 
@@ -166,11 +166,6 @@ def test_box_ap_option_selects_bbox_and_refuses_without_instance_evaluator(regis
         build_evaluator(cfg, city)
 
 
-def _box_of(mask):
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
-
-
 def test_box_ap_of_exact_shifted_and_missing_boxes(
     tiny_dataset, register_tiny_fn, tmp_path, caplog
 ):
@@ -187,8 +182,7 @@ def test_box_ap_of_exact_shifted_and_missing_boxes(
         ev.reset()
         for r in records:
             inst = _perfect_instances(r, ident)
-            boxes = torch.tensor([_box_of(m > 0) for m in inst.pred_masks], dtype=torch.float32)
-            boxes = boxes.reshape(-1, 4)
+            boxes = BitMasks(inst.pred_masks > 0).get_bounding_boxes().tensor  # tight boxes
             if shift:
                 boxes = boxes + torch.cat([boxes[:, 2:] - boxes[:, :2]] * 2, dim=1)
             inst.pred_boxes = Boxes(boxes)
